@@ -1,0 +1,1 @@
+"""The Faust app, its agents, the embedded broker/store launchers and the `dealpulse` CLI."""

@@ -1,0 +1,1 @@
+"""River model factories, snapshots and progressive metrics (imports river only, never Faust)."""

@@ -1,0 +1,218 @@
+"""Ingest core: one Kafka message in, rows for the events / DLQ / duplicates tables out. No I/O here.
+
+Every item of every message ends in exactly one place: stored, DLQ, or duplicate-dropped. Items a previous run
+already wrote to the store (a replay after a crash) are recognised by their source position and skipped, so a
+restart never writes a row twice.
+
+>>> rules = ContractRules.default()
+>>> state = DedupState()
+>>> batch = Batch()
+>>> msg = b'[{"event_id": "e1", "type": "feature_use", "ts": "2026-11-01T10:00:00Z", "account_id": "a",'
+>>> msg += b' "props": {"feature": "export"}}, {"event_id": "e1", "type": "feature_use",'
+>>> msg += b' "ts": "2026-11-01T10:00:00Z", "account_id": "a", "props": {"feature": "export"}}, 42]'
+>>> process_message(msg, SourceRef("dealpulse.events", 0, 17), rules, state, batch, now_ms=1_800_000_000_000)
+>>> len(batch.events), len(batch.duplicates), [row[1] for row in batch.dlq]
+(1, 1, ['not_an_object'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from dealpulse.pipelines.contract import ContractRules, Event, Reason, Rejection, validate_event
+
+EVENT_COLUMNS = (
+    "event_id",
+    "type",
+    "ts",
+    "tz_offset_min",
+    "account_id",
+    "lead_id",
+    "opportunity_id",
+    "source",
+    "props",
+    "keywords",
+    "src_topic",
+    "src_partition",
+    "src_offset",
+    "src_index",
+    "ingested_at",
+)
+DLQ_COLUMNS = (
+    "dlq_id",
+    "reason",
+    "detail",
+    "field",
+    "payload",
+    "event_id",
+    "src_topic",
+    "src_partition",
+    "src_offset",
+    "src_index",
+    "failed_at",
+)
+DUPLICATE_COLUMNS = ("event_id", "src_topic", "src_partition", "src_offset", "src_index", "dropped_at")
+WHOLE_MESSAGE = -1  # src_index of a DLQ entry that rejects the whole message
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where a message came from; together with the item index it identifies every item exactly."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class PartitionDedup:
+    """Dedup state of one partition: recently stored event ids and the positions already in the store."""
+
+    seen: dict[str, None] = field(default_factory=dict)  # insertion-ordered, evicted oldest first
+    accounted: set[tuple[int, int]] = field(default_factory=set)  # (offset, index) written by a previous run
+    accounted_until: int = -1  # highest offset in ``accounted``; past it nothing needs checking
+
+
+@dataclass(slots=True)
+class DedupState:
+    """Per-partition dedup state of one worker, reloaded from the store when it (re)gains a partition."""
+
+    max_ids_per_partition: int = 2_000_000
+    partitions: dict[tuple[str, int], PartitionDedup] = field(default_factory=dict)
+
+    def load(self, topic: str, partition: int, event_ids: list[str], accounted: set[tuple[int, int]]) -> None:
+        state = PartitionDedup(dict.fromkeys(event_ids[-self.max_ids_per_partition :]), accounted)
+        state.accounted_until = max((offset for offset, _ in accounted), default=-1)
+        self.partitions[(topic, partition)] = state
+
+    def forget(self, topic: str, partition: int) -> None:
+        self.partitions.pop((topic, partition), None)
+
+    def is_loaded(self, topic: str, partition: int) -> bool:
+        return (topic, partition) in self.partitions
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows waiting for one store flush, plus per-outcome counts for metrics and accounting."""
+
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    dlq: list[tuple[Any, ...]] = field(default_factory=list)
+    duplicates: list[tuple[Any, ...]] = field(default_factory=list)
+    valid: list[Event] = field(default_factory=list)  # the validated events, for downstream agents
+    replay_skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.dlq) + len(self.duplicates)
+
+
+def decode_message(raw: bytes, max_bytes: int, max_events: int) -> list[Any] | Rejection:
+    """Decode a message value into its items (one object, or an array of them)."""
+    if len(raw) > max_bytes:
+        return Rejection(Reason.TOO_LARGE, f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejection(Reason.INVALID_UTF8, "message is not valid UTF-8")
+        return Rejection(Reason.MALFORMED_JSON, str(exc))
+    if isinstance(decoded, list):
+        if not decoded:
+            return Rejection(Reason.EMPTY_BATCH, "empty array")
+        if len(decoded) > max_events:
+            return Rejection(Reason.TOO_MANY_EVENTS, f"{len(decoded)} events > limit {max_events}")
+        return decoded
+    return [decoded]
+
+
+def dlq_id(ref: SourceRef, index: int) -> str:
+    """Deterministic id of a DLQ entry: the same bad item always gets the same id."""
+    return f"{ref.topic}:{ref.partition}:{ref.offset}:{index}"
+
+
+def _event_id_of(item: Any) -> str:
+    value = item.get("event_id") if isinstance(item, dict) else None
+    return value[:64] if isinstance(value, str) else ""
+
+
+def process_message(
+    raw: bytes,
+    ref: SourceRef,
+    rules: ContractRules,
+    state: DedupState,
+    batch: Batch,
+    now_ms: int,
+    max_bytes: int = 1_000_000,
+    max_events: int = 10_000,
+) -> None:
+    """Validate and dedup one message, appending its rows to ``batch`` (the caller loaded ``state`` first)."""
+    partition_state = state.partitions.setdefault((ref.topic, ref.partition), PartitionDedup())
+    replaying = ref.offset <= partition_state.accounted_until
+    accounted = partition_state.accounted
+    items = decode_message(raw, max_bytes, max_events)
+    if isinstance(items, Rejection):
+        if replaying and (ref.offset, WHOLE_MESSAGE) in accounted:
+            batch.replay_skipped += 1
+            return
+        batch.dlq.append(_dlq_row(items, raw, "", ref, WHOLE_MESSAGE, now_ms))
+        return
+    single = len(items) == 1
+    seen = partition_state.seen
+    for index, item in enumerate(items):
+        if replaying and (ref.offset, index) in accounted:
+            batch.replay_skipped += 1
+            continue
+        result = validate_event(item, rules, now_ms)
+        if isinstance(result, Rejection):
+            payload = raw if single else orjson.dumps(item)
+            batch.dlq.append(_dlq_row(result, payload, _event_id_of(item), ref, index, now_ms))
+            continue
+        if result.event_id in seen:
+            batch.duplicates.append((result.event_id, ref.topic, ref.partition, ref.offset, index, now_ms))
+            continue
+        seen[result.event_id] = None
+        if len(seen) > state.max_ids_per_partition:
+            del seen[next(iter(seen))]
+        batch.valid.append(result)
+        batch.events.append(
+            (
+                result.event_id,
+                result.type,
+                result.ts_ms,
+                result.tz_offset_min,
+                result.account_id,
+                result.lead_id,
+                result.opportunity_id,
+                result.source,
+                orjson.dumps(result.props).decode(),
+                result.keywords,
+                ref.topic,
+                ref.partition,
+                ref.offset,
+                index,
+                now_ms,
+            )
+        )
+
+
+def _dlq_row(
+    rejection: Rejection, payload: bytes, event_id: str, ref: SourceRef, index: int, now_ms: int
+) -> tuple[Any, ...]:
+    return (
+        dlq_id(ref, index),
+        str(rejection.reason),
+        rejection.detail,
+        rejection.field,
+        payload,
+        event_id,
+        ref.topic,
+        ref.partition,
+        ref.offset,
+        index,
+        now_ms,
+    )

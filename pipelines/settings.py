@@ -1,0 +1,69 @@
+"""The one settings object of dealpulse, read from ``DEALPULSE_*`` environment variables.
+
+>>> s = Settings(kafka_bootstrap="127.0.0.1:9092")
+>>> s.events_topic, s.clickhouse_database
+('dealpulse.events', 'dealpulse')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STAGES = (
+    "lead",
+    "outreach",
+    "diagnosis",
+    "presentation",
+    "objection",
+    "negotiation",
+    "contract_review",
+    "won",
+    "lost",
+)
+
+
+class Settings(BaseSettings):
+    """Everything a worker, the CLI and the tests need; frozen so it can be passed around safely."""
+
+    model_config = SettingsConfigDict(env_prefix="DEALPULSE_", frozen=True, extra="ignore")
+
+    # Kafka
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap servers, host:port[,host:port]")
+    events_topic: str = "dealpulse.events"
+    dlq_topic: str = "dealpulse.events.dlq"
+    topic_partitions: int = Field(4, ge=1)
+    topic_replication: int = Field(1, ge=1)
+    consumer_group: str = Field("dealpulse", description="Faust app id = Kafka consumer group")
+
+    # ClickHouse (a server, or the embedded chDB store behind the same HTTP interface)
+    clickhouse_host: str = "127.0.0.1"
+    clickhouse_port: int = 8123
+    clickhouse_user: str = "dealpulse"
+    clickhouse_password: str = ""
+    clickhouse_database: str = "dealpulse"
+    clickhouse_secure: bool = False
+
+    # ingest
+    max_message_bytes: int = Field(1_000_000, ge=1024, description="larger messages go to the DLQ as too_large")
+    max_events_per_message: int = Field(10_000, ge=1)
+    min_event_time: str = Field("2000-01-01T00:00:00+00:00", description="older events are out of range")
+    max_future_skew_s: float = Field(86_400.0, ge=0, description="events further ahead of wall-clock are rejected")
+    dedup_window_hours: float = Field(
+        168.0, gt=0, description="event_ids stored this recently are reloaded as dedup state on restart"
+    )
+    keywords_file: Path | None = Field(None, description="YAML keyword dictionary; built-in default if unset")
+    stages: tuple[str, ...] = DEFAULT_STAGES
+
+    # sink
+    batch_max_messages: int = Field(500, ge=1, description="flush after this many Kafka messages ...")
+    batch_max_seconds: float = Field(0.5, gt=0, description="... or after this long, whichever first")
+    store_retry_initial_s: float = Field(0.2, gt=0)
+    store_retry_max_s: float = Field(10.0, gt=0)
+
+    # worker process
+    data_dir: Path = Field(Path(".dealpulse/worker"), description="Faust data directory")
+    metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics port; 0 picks a free one")
+    log_level: str = "warn"

@@ -1,0 +1,1 @@
+"""ClickHouse store: numbered migrations, the client factory and the batch writer."""

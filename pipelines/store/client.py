@@ -1,0 +1,56 @@
+"""The one way dealpulse talks to ClickHouse (a server, or the embedded store): clickhouse-connect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from dealpulse.pipelines.settings import Settings
+
+
+class Store:
+    """A thin wrapper that also satisfies :class:`~dealpulse.pipelines.store.migrations.SqlRunner`."""
+
+    def __init__(self, client: Client, database: str) -> None:
+        self.client = client
+        self.database = database
+
+    def use_database(self) -> None:
+        """Make unqualified table names refer to the dealpulse database (once it exists)."""
+        self.client.database = self.database
+
+    def command(self, sql: str) -> object:
+        return self.client.command(sql)
+
+    def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self.client.query(sql, parameters=parameters).result_rows]
+
+    def insert(
+        self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...], dedup_token: str | None = None
+    ) -> None:
+        settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
+        self.client.insert(table, rows, column_names=list(columns), database=self.database, settings=settings)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect(settings: Settings, *, user: str | None = None, password: str | None = None) -> Store:
+    """Connect with the settings' credentials (or the ones given)."""
+    client = clickhouse_connect.get_client(
+        host=settings.clickhouse_host,
+        port=settings.clickhouse_port,
+        username=user or settings.clickhouse_user,
+        password=settings.clickhouse_password if password is None else password,
+        secure=settings.clickhouse_secure,
+        compress=False,  # loopback and LAN: compression costs more CPU than it saves
+        connect_timeout=10,
+        send_receive_timeout=120,
+        autogenerate_session_id=False,
+    )
+    store = Store(client, settings.clickhouse_database)
+    if client.command(f"EXISTS DATABASE {settings.clickhouse_database}") == 1:
+        store.use_database()
+    return store
