@@ -76,5 +76,203 @@ def migrate() -> None:
         click.echo("store is up to date")
 
 
+@main.command()
+def worker() -> None:
+    """Run a worker against the Kafka and ClickHouse given by DEALPULSE_* settings (the production path).
+
+    Scale out by starting more workers with the same DEALPULSE_CONSUMER_GROUP (up to the partition count).
+    """
+    from faust.worker import Worker
+
+    from dealpulse.agents.app import create_app
+    from dealpulse.agents.kafka_admin import ensure_topics
+    from dealpulse.agents.metrics import IngestMetrics
+    from dealpulse.pipelines.store.client import connect
+    from dealpulse.pipelines.store.migrations import applied_versions, load_migrations
+
+    settings = Settings()
+    store_ = connect(settings)
+    missing = {m.version for m in load_migrations()} - (
+        applied_versions(store_, settings.clickhouse_database)
+        if store_.client.command(f"EXISTS TABLE {settings.clickhouse_database}.schema_migrations") == 1
+        else set()
+    )
+    store_.close()
+    if missing:
+        raise click.ClickException(f"the store lacks migrations {sorted(missing)}: run `dealpulse migrate` first")
+    ensure_topics(settings)
+    metrics = IngestMetrics()
+    port = metrics.serve(settings.metrics_port)
+    click.echo(f"metrics on http://127.0.0.1:{port}/metrics", err=True)
+    app = create_app(settings, metrics)
+    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+def _world_messages(events: int, seed: int, batch_size: int) -> tuple[object, list[tuple[str, bytes, int]]]:
+    from dealpulse.pipelines.generator import generate_world, pack_messages
+
+    world = generate_world(seed, events)
+    return world, list(pack_messages(world.records(), batch_size))
+
+
+def _progress(total: int, label: str) -> tuple[object, object]:
+    bar = click.progressbar(length=total, label=label, show_pos=True, file=sys.stderr)
+    bar.__enter__()
+    done = [0]
+
+    def advance(position: int) -> None:
+        bar.update(max(0, position - done[0]))
+        done[0] = max(done[0], position)
+
+    return bar, advance
+
+
+@main.command()
+@click.option("--events", "n_events", type=click.IntRange(1), default=20_000, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True, help="chooses the simulated world")
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a summary")
+@click.option("--keep-running", is_flag=True, help="leave broker, store and worker up until Ctrl-C")
+@click.option("--workdir", type=click.Path(path_type=Path), help="keep logs and data here (default: temporary)")
+@click.option("--timeout", type=float, default=600, show_default=True, help="seconds to wait for the pipeline")
+def demo(n_events: int, seed: int, batch_size: int, as_json: bool, keep_running: bool, workdir: Path | None,
+         timeout: float) -> None:  # fmt: skip
+    """Run the whole pipeline on an embedded broker (Tansu) and store (chDB): generate, ingest, account.
+
+    Prints a summary where every event sent is stored, dead-lettered or dropped as a duplicate.
+    """
+    import time
+
+    from dealpulse.agents.embedded import temporary_workdir
+    from dealpulse.agents.stack import EmbeddedStack, produce
+
+    quiet = as_json
+    say = (lambda *_: None) if quiet else (lambda text: click.echo(text, err=True))
+    with temporary_workdir(workdir) as wd, EmbeddedStack(wd) as stack:
+        settings = stack.settings
+        say(f"broker  {settings.kafka_bootstrap} (Tansu, in memory)")
+        say(f"store   http://127.0.0.1:{settings.clickhouse_port} (chDB {wd / 'store'})")
+        worker_proc = stack.start_worker()
+        say(f"worker  pid {worker_proc.pid}, metrics http://127.0.0.1:{worker_proc.metrics_port}/metrics")  # type: ignore[attr-defined]
+        world, messages = _world_messages(n_events, seed, batch_size)
+        started = time.monotonic()
+        if quiet:
+            _, sent = produce(settings, messages)
+            counts = stack.wait_accounted(sent, timeout)
+        else:
+            bar, advance = _progress(n_events, "sending  ")
+            _, sent = produce(settings, messages, advance)
+            advance(sent)
+            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+            bar, advance = _progress(sent, "ingesting")
+            counts = stack.wait_accounted(sent, timeout, advance)
+            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+        seconds = time.monotonic() - started
+        summary = {"events_sent": sent, **counts, "seconds": round(seconds, 3),
+                   "events_per_s": round(sent / seconds, 1), "seed": seed}  # fmt: skip
+        summary["accounted"] = counts["events_stored"] + counts["dlq"] + counts["duplicates_dropped"] == sent
+        if as_json:
+            click.echo(orjson.dumps(summary).decode())
+        else:
+            _print_demo_summary(stack, summary)
+        if keep_running:
+            _print_connection_help(stack)
+            try:
+                while all(p.alive() for p in stack.processes + stack.workers):
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                say("stopping ...")
+        if not summary["accounted"]:
+            raise click.ClickException("accounting identity violated: see the worker log in --workdir")
+
+
+def _print_demo_summary(stack: object, summary: dict[str, object]) -> None:
+    from dealpulse.agents.stack import EmbeddedStack
+
+    assert isinstance(stack, EmbeddedStack)
+    by_type = stack.store.query_rows("SELECT type, count() FROM events GROUP BY type ORDER BY count() DESC")
+    by_reason = stack.store.query_rows("SELECT reason, count() FROM dlq GROUP BY reason ORDER BY count() DESC")
+    click.echo("")
+    click.echo(f"  sent       {summary['events_sent']:>9,}  events in {summary['seconds']} s "
+               f"({summary['events_per_s']:,} events/s end to end)")  # fmt: skip
+    click.echo(f"  stored     {summary['events_stored']:>9,}")
+    click.echo(f"  DLQ        {summary['dlq']:>9,}  " + ", ".join(f"{r}={n}" for r, n in by_reason))
+    click.echo(f"  duplicates {summary['duplicates_dropped']:>9,}  (dropped by event_id)")
+    verdict = "every event accounted for" if summary["accounted"] else "MISMATCH"
+    click.echo(f"  identity   stored + DLQ + duplicates = sent: {verdict}")
+    click.echo("  by type    " + ", ".join(f"{t}={n}" for t, n in by_type))
+
+
+def _print_connection_help(stack: object) -> None:
+    from dealpulse.agents.stack import EmbeddedStack
+
+    assert isinstance(stack, EmbeddedStack)
+    s, c = stack.settings, stack.credentials
+    click.echo(f"""
+The pipeline keeps running. Connect with:
+  Kafka       bootstrap.servers={s.kafka_bootstrap}   produce JSON events to {s.events_topic} (key = account_id)
+  ClickHouse  http://127.0.0.1:{s.clickhouse_port}  database {s.clickhouse_database}
+              writer:     user {c.writer}  password {c.writer_password}
+              BI (read):  user {c.reader}  password {c.reader_password}
+  e.g.        curl -u {c.reader}:{c.reader_password} 'http://127.0.0.1:{s.clickhouse_port}/?database={s.clickhouse_database}' \
+                   --data-binary 'SELECT type, count() FROM events GROUP BY type'
+              DEALPULSE_KAFKA_BOOTSTRAP={s.kafka_bootstrap} dealpulse replay my-events.jsonl
+Press Ctrl-C to stop everything.""")
+
+
+@main.command()
+@click.option("--events", "n_events", type=click.IntRange(1), default=20_000, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="write JSONL here instead of sending to Kafka")
+@click.option("--truth", type=click.Path(path_type=Path), help="write the hidden ground truth (JSON) here")
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+def generate(n_events: int, seed: int, out: Path | None, truth: Path | None, batch_size: int) -> None:
+    """Generate a synthetic sales world: to a JSONL file (--out) or to the events topic."""
+    from dealpulse.agents.stack import produce
+    from dealpulse.pipelines.generator import generate_world, pack_messages
+
+    world = generate_world(seed, n_events)
+    if truth:
+        truth.write_bytes(world.truth.to_json())
+    if out:
+        with out.open("wb") as handle:
+            for record in world.records():
+                handle.write(record.value + b"\n")
+        click.echo(f"wrote {n_events} records to {out}", err=True)
+        return
+    settings = Settings()
+    from dealpulse.agents.kafka_admin import ensure_topics
+
+    ensure_topics(settings)
+    bar, advance = _progress(n_events, "sending")
+    messages, items = produce(settings, pack_messages(world.records(), batch_size), advance)
+    advance(items)
+    bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+    click.echo(f"sent {items} events in {messages} messages to {settings.events_topic}", err=True)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+def replay(path: Path, batch_size: int) -> None:
+    """Send a JSONL file of v1 events (e.g. a real export) into the pipeline, keyed by account_id.
+
+    Lines that are not valid JSON are sent as they are: the pipeline dead-letters them, nothing is dropped.
+    """
+    from dealpulse.agents.kafka_admin import ensure_topics
+    from dealpulse.agents.stack import produce
+    from dealpulse.pipelines.replay import jsonl_messages
+
+    settings = Settings()
+    ensure_topics(settings)
+    lines = sum(1 for line in path.open("rb") if line.strip())
+    bar, advance = _progress(lines, "replaying")
+    with path.open("rb") as handle:
+        messages, items = produce(settings, jsonl_messages(handle, batch_size), advance)
+    advance(items)
+    bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+    click.echo(f"sent {items} events in {messages} messages to {settings.events_topic}", err=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())

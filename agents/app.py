@@ -1,0 +1,202 @@
+"""The Faust app: built by :func:`create_app` from one Settings object; all state lives in the services it makes.
+
+Ingest agent: consumes ``dealpulse.events`` in batches (``batch_max_messages`` or ``batch_max_seconds``,
+whichever first), validates and dedups every item, publishes dead letters to ``dealpulse.events.dlq``, writes
+events / DLQ / duplicates to the store, and only then lets Faust ack the batch — so offsets are committed only
+after the store accepted it. If the store is down the agent retries with backoff and stops consuming meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.types import TP, EventT
+
+from dealpulse.agents.metrics import IngestMetrics
+from dealpulse.pipelines.contract import ContractRules
+from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
+from dealpulse.pipelines.keywords import KeywordTagger
+from dealpulse.pipelines.settings import Settings
+from dealpulse.pipelines.store.client import Store, connect
+from dealpulse.pipelines.store.writer import BatchWriter, RetryPolicy, load_partition_state
+
+log = logging.getLogger(__name__)
+
+DLQ_KAFKA_PAYLOAD_LIMIT = 512 * 1024  # larger originals are truncated on the topic; the store keeps them whole
+
+
+def contract_rules(settings: Settings) -> ContractRules:
+    from datetime import datetime
+
+    tagger = KeywordTagger.from_file(settings.keywords_file) if settings.keywords_file else KeywordTagger.default()
+    min_ts = int(datetime.fromisoformat(settings.min_event_time).timestamp() * 1000)
+    return ContractRules(min_ts, int(settings.max_future_skew_s * 1000), frozenset(settings.stages), tagger)
+
+
+@dataclass
+class IngestService:
+    """Everything the ingest agent keeps between batches, owned by one app instance."""
+
+    settings: Settings
+    store: Store
+    metrics: IngestMetrics
+    rules: ContractRules = field(init=False)
+    dedup: DedupState = field(default_factory=DedupState)
+    writer: BatchWriter = field(init=False)
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.rules = contract_rules(self.settings)
+        self.writer = BatchWriter(
+            self.store,
+            RetryPolicy(self.settings.store_retry_initial_s, self.settings.store_retry_max_s),
+            should_stop=lambda: self.stopping,
+            on_retry=lambda table, attempt, exc: self.metrics.insert_errors.labels(table).inc(),
+        )
+
+    async def ensure_partition_loaded(self, topic: str, partition: int, first_offset: int) -> None:
+        """Load dedup state for a partition this worker just gained (from the store: the source of truth)."""
+        if self.dedup.is_loaded(topic, partition):
+            return
+        loop = asyncio.get_running_loop()
+        ids, accounted = await loop.run_in_executor(
+            None,
+            load_partition_state,
+            self.store,
+            topic,
+            partition,
+            first_offset,
+            self.settings.dedup_window_hours,
+        )
+        self.dedup.load(topic, partition, ids, accounted)
+        log.info("partition %s[%d]: %d recent event ids, %d positions already stored from offset %d",
+                 topic, partition, len(ids), len(accounted), first_offset)  # fmt: skip
+
+    def forget(self, partitions: Sequence[TP]) -> None:
+        for tp in partitions:
+            self.dedup.forget(tp.topic, tp.partition)
+
+    async def handle(self, events: Sequence[EventT], dlq_topic: faust.TopicT) -> Batch:
+        settings = self.settings
+        now_ms = int(time.time() * 1000)
+        batch = Batch()
+        for event in events:
+            message = event.message
+            await self.ensure_partition_loaded(message.topic, message.partition, message.offset)
+            process_message(
+                message.value,
+                SourceRef(message.topic, message.partition, message.offset),
+                self.rules,
+                self.dedup,
+                batch,
+                now_ms,
+                settings.max_message_bytes,
+                settings.max_events_per_message,
+            )
+        await self._publish_dead_letters(batch, dlq_topic)
+        started = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.write, batch)
+        self._observe(events, batch, time.perf_counter() - started)
+        return batch
+
+    async def _publish_dead_letters(self, batch: Batch, dlq_topic: faust.TopicT) -> None:
+        """Original bytes as the value, the reason and source position as headers (Kafka Connect style)."""
+        if not batch.dlq:
+            return
+        at = {name: i for i, name in enumerate(DLQ_COLUMNS)}
+        pending = []
+        for row in batch.dlq:
+            payload: bytes = row[at["payload"]]
+            headers = [
+                ("dealpulse.dlq.id", row[at["dlq_id"]].encode()),
+                ("dealpulse.dlq.reason", row[at["reason"]].encode()),
+                ("dealpulse.dlq.detail", row[at["detail"]].encode()[:1024]),
+                ("dealpulse.dlq.field", row[at["field"]].encode()),
+                ("dealpulse.dlq.topic", row[at["src_topic"]].encode()),
+                ("dealpulse.dlq.partition", str(row[at["src_partition"]]).encode()),
+                ("dealpulse.dlq.offset", str(row[at["src_offset"]]).encode()),
+                ("dealpulse.dlq.index", str(row[at["src_index"]]).encode()),
+            ]
+            if len(payload) > DLQ_KAFKA_PAYLOAD_LIMIT:
+                headers.append(("dealpulse.dlq.truncated", str(len(payload)).encode()))
+                payload = payload[:DLQ_KAFKA_PAYLOAD_LIMIT]
+            pending.append(await dlq_topic.send(key=row[at["dlq_id"]].encode(), value=payload, headers=headers))
+        await asyncio.gather(*pending)  # delivered before the batch may be acked
+
+    def _observe(self, events: Sequence[EventT], batch: Batch, insert_seconds: float) -> None:
+        m = self.metrics
+        m.messages_consumed.labels(self.settings.events_topic).inc(len(events))
+        for event in batch.valid:
+            m.events_validated.labels(event.type).inc()
+        m.events_stored.inc(len(batch.events))
+        for row in batch.dlq:
+            m.dlq.labels(row[1]).inc()
+        m.duplicates.inc(len(batch.duplicates))
+        m.replay_skipped.inc(batch.replay_skipped)
+        m.batch_items.observe(len(batch))
+        m.insert_seconds.labels("batch").observe(insert_seconds)
+        m.insert_rows.labels("events").inc(len(batch.events))
+        m.insert_rows.labels("dlq").inc(len(batch.dlq))
+        m.insert_rows.labels("duplicates").inc(len(batch.duplicates))
+        now = time.time()
+        for event in batch.valid[-64:]:  # a sample keeps the hot path cheap
+            m.event_to_stored.observe(max(0.0, now - event.ts_ms / 1000))
+
+
+def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faust.App:
+    """Build the Faust app for these settings. Nothing global: two apps in one process do not share state."""
+    app = faust.App(
+        settings.consumer_group,
+        broker=f"kafka://{settings.kafka_bootstrap.replace(',', ';kafka://')}",
+        store="memory://",
+        datadir=str(settings.data_dir),
+        web_enabled=False,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        producer_max_request_size=2 * 1024 * 1024,
+        consumer_max_fetch_size=4 * 1024 * 1024,
+    )
+    metrics = metrics or IngestMetrics()
+    service = IngestService(settings, connect(settings), metrics)
+    events_topic = app.topic(
+        settings.events_topic, key_serializer="raw", value_serializer="raw", partitions=settings.topic_partitions
+    )
+    dlq_topic = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(events_topic, name="ingest")
+    async def ingest(stream: faust.StreamT[Any]) -> None:
+        # take_events acks the batch only after this loop body returns, i.e. after the store accepted it
+        async for events in stream.take_events(settings.batch_max_messages, within=settings.batch_max_seconds):
+            await service.handle(events, dlq_topic)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: faust.App, revoked: set[TP], **_: Any) -> None:
+        service.forget(list(revoked))
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: faust.App, assigned: set[TP], **_: Any) -> None:
+        service.forget(list(assigned))  # reload from the store at the first message of each partition
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            position = await consumer.position(tp)
+            if highwater is not None and position is not None:
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(sender: faust.App, **_: Any) -> None:
+        service.stopping = True
+
+    app.dealpulse_service = service  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,30 @@
+"""Topic management with confluent-kafka's admin client."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from dealpulse.pipelines.settings import Settings
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create dealpulse's topics if missing; return the ones created."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(settings.events_topic, settings.topic_partitions, settings.topic_replication),
+        NewTopic(settings.dlq_topic, settings.topic_partitions, settings.topic_replication),
+    ]
+    missing = [t for t in wanted if t.topic not in existing]
+    if not missing:
+        return []
+    created = []
+    for name, future in admin.create_topics(missing, request_timeout=timeout).items():
+        try:
+            future.result(timeout)
+            created.append(name)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    return created
