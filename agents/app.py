@@ -161,6 +161,10 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
         topic_replication_factor=settings.topic_replication,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # the broker waits up to the rebalance timeout for members to join; short keeps start-up fast
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 5),
+        broker_rebalance_timeout=settings.kafka_session_timeout_s,
         producer_max_request_size=2 * 1024 * 1024,
         consumer_max_fetch_size=4 * 1024 * 1024,
     )

@@ -274,5 +274,29 @@ def replay(path: Path, batch_size: int) -> None:
     click.echo(f"sent {items} events in {messages} messages to {settings.events_topic}", err=True)
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks on the embedded stack (figures, not pass/fail)."""
+
+
+@bench.command("ingest")
+@click.option("--events", "n_events", type=click.IntRange(1), default=200_000, show_default=True)
+@click.option("--seed", type=int, default=11, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) -> None:
+    """Validate + dedup + store throughput of one worker, and the raw consume+decode limit in the same run."""
+    from dealpulse.agents.bench import bench_ingest
+    from dealpulse.agents.embedded import temporary_workdir
+
+    with temporary_workdir() as wd:
+        result = bench_ingest(wd, n_events, seed, batch_size)
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:>20}  {value}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(4, ge=1)
     topic_replication: int = Field(1, ge=1)
     consumer_group: str = Field("dealpulse", description="Faust app id = Kafka consumer group")
+    kafka_session_timeout_s: float = Field(10.0, ge=1, description="group session and rebalance timeout")
 
     # ClickHouse (a server, or the embedded chDB store behind the same HTTP interface)
     clickhouse_host: str = "127.0.0.1"
