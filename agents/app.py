@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from faust.types import TP, EventT
-
 from dealpulse.agents.metrics import IngestMetrics
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
@@ -25,6 +23,7 @@ from dealpulse.pipelines.keywords import KeywordTagger
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store, connect
 from dealpulse.pipelines.store.writer import BatchWriter, RetryPolicy, load_partition_state
+from faust.types import TP, EventT
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class IngestService:
             message = event.message
             await self.ensure_partition_loaded(message.topic, message.partition, message.offset)
             process_message(
-                message.value,
+                message.value or b"",
                 SourceRef(message.topic, message.partition, message.offset),
                 self.rules,
                 self.dedup,
@@ -171,23 +170,26 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     metrics = metrics or IngestMetrics()
     service = IngestService(settings, connect(settings), metrics)
     events_topic = app.topic(
-        settings.events_topic, key_serializer="raw", value_serializer="raw", partitions=settings.topic_partitions
+        settings.events_topic,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.topic_partitions,
     )
     dlq_topic = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
 
     @app.agent(events_topic, name="ingest")
-    async def ingest(stream: faust.StreamT[Any]) -> None:
+    async def ingest(stream: Any) -> None:
         # take_events acks the batch only after this loop body returns, i.e. after the store accepted it
         async for events in stream.take_events(settings.batch_max_messages, within=settings.batch_max_seconds):
             await service.handle(events, dlq_topic)
 
     @app.on_partitions_revoked.connect
-    async def on_revoked(sender: faust.App, revoked: set[TP], **_: Any) -> None:
-        service.forget(list(revoked))
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        service.forget(list(args[0]))  # args[0]: the revoked partitions
 
     @app.on_partitions_assigned.connect
-    async def on_assigned(sender: faust.App, assigned: set[TP], **_: Any) -> None:
-        service.forget(list(assigned))  # reload from the store at the first message of each partition
+    async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        service.forget(list(args[0]))  # reload from the store at the first message of each assigned partition
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
@@ -199,7 +201,7 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
                 metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
     @app.on_before_shutdown.connect
-    async def on_shutdown(sender: faust.App, **_: Any) -> None:
+    async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         service.stopping = True
 
     app.dealpulse_service = service  # type: ignore[attr-defined]

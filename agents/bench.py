@@ -8,7 +8,6 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
-
 from dealpulse.agents.stack import EmbeddedStack, produce
 from dealpulse.pipelines.generator import generate_world, pack_messages
 from dealpulse.pipelines.settings import Settings
@@ -35,7 +34,7 @@ def raw_consume_rate(settings: Settings, expected_messages: int, timeout: float 
             if started is None:
                 started = time.perf_counter()
             try:
-                decoded = orjson.loads(message.value())
+                decoded = orjson.loads(message.value() or b"")
                 items += len(decoded) if isinstance(decoded, list) else 1
             except orjson.JSONDecodeError:
                 items += 1  # the generator's malformed records: decoding them is still the raw work

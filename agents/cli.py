@@ -6,10 +6,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
-
 from dealpulse.pipelines.settings import Settings
 
 
@@ -82,13 +82,12 @@ def worker() -> None:
 
     Scale out by starting more workers with the same DEALPULSE_CONSUMER_GROUP (up to the partition count).
     """
-    from faust.worker import Worker
-
     from dealpulse.agents.app import create_app
     from dealpulse.agents.kafka_admin import ensure_topics
     from dealpulse.agents.metrics import IngestMetrics
     from dealpulse.pipelines.store.client import connect
     from dealpulse.pipelines.store.migrations import applied_versions, load_migrations
+    from faust.worker import Worker
 
     settings = Settings()
     store_ = connect(settings)
@@ -108,23 +107,30 @@ def worker() -> None:
     Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 
-def _world_messages(events: int, seed: int, batch_size: int) -> tuple[object, list[tuple[str, bytes, int]]]:
+def _world_messages(events: int, seed: int, batch_size: int) -> list[tuple[str, bytes, int]]:
     from dealpulse.pipelines.generator import generate_world, pack_messages
 
-    world = generate_world(seed, events)
-    return world, list(pack_messages(world.records(), batch_size))
+    return list(pack_messages(generate_world(seed, events).records(), batch_size))
 
 
-def _progress(total: int, label: str) -> tuple[object, object]:
-    bar = click.progressbar(length=total, label=label, show_pos=True, file=sys.stderr)
-    bar.__enter__()
-    done = [0]
+class _Progress:
+    """A progress bar on stderr fed with absolute positions (``advance(done_so_far)``)."""
 
-    def advance(position: int) -> None:
-        bar.update(max(0, position - done[0]))
-        done[0] = max(done[0], position)
+    def __init__(self, total: int, label: str) -> None:
+        self._bar = click.progressbar(length=total, label=label, show_pos=True, file=sys.stderr)
+        self._done = 0
 
-    return bar, advance
+    def __enter__(self) -> _Progress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(None, None, None)
+
+    def advance(self, position: int) -> None:
+        if position > self._done:
+            self._bar.update(position - self._done)
+            self._done = position
 
 
 @main.command()
@@ -154,19 +160,17 @@ def demo(n_events: int, seed: int, batch_size: int, as_json: bool, keep_running:
         say(f"store   http://127.0.0.1:{settings.clickhouse_port} (chDB {wd / 'store'})")
         worker_proc = stack.start_worker()
         say(f"worker  pid {worker_proc.pid}, metrics http://127.0.0.1:{worker_proc.metrics_port}/metrics")  # type: ignore[attr-defined]
-        world, messages = _world_messages(n_events, seed, batch_size)
+        messages = _world_messages(n_events, seed, batch_size)
         started = time.monotonic()
         if quiet:
             _, sent = produce(settings, messages)
             counts = stack.wait_accounted(sent, timeout)
         else:
-            bar, advance = _progress(n_events, "sending  ")
-            _, sent = produce(settings, messages, advance)
-            advance(sent)
-            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
-            bar, advance = _progress(sent, "ingesting")
-            counts = stack.wait_accounted(sent, timeout, advance)
-            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+            with _Progress(n_events, "sending  ") as bar:
+                _, sent = produce(settings, messages, bar.advance)
+                bar.advance(sent)
+            with _Progress(sent, "ingesting") as bar:
+                counts = stack.wait_accounted(sent, timeout, bar.advance)
         seconds = time.monotonic() - started
         summary = {"events_sent": sent, **counts, "seconds": round(seconds, 3),
                    "events_per_s": round(sent / seconds, 1), "seed": seed}  # fmt: skip
@@ -186,7 +190,7 @@ def demo(n_events: int, seed: int, batch_size: int, as_json: bool, keep_running:
             raise click.ClickException("accounting identity violated: see the worker log in --workdir")
 
 
-def _print_demo_summary(stack: object, summary: dict[str, object]) -> None:
+def _print_demo_summary(stack: object, summary: dict[str, Any]) -> None:
     from dealpulse.agents.stack import EmbeddedStack
 
     assert isinstance(stack, EmbeddedStack)
@@ -244,10 +248,9 @@ def generate(n_events: int, seed: int, out: Path | None, truth: Path | None, bat
     from dealpulse.agents.kafka_admin import ensure_topics
 
     ensure_topics(settings)
-    bar, advance = _progress(n_events, "sending")
-    messages, items = produce(settings, pack_messages(world.records(), batch_size), advance)
-    advance(items)
-    bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+    with _Progress(n_events, "sending") as bar:
+        messages, items = produce(settings, pack_messages(world.records(), batch_size), bar.advance)
+        bar.advance(items)
     click.echo(f"sent {items} events in {messages} messages to {settings.events_topic}", err=True)
 
 
@@ -266,12 +269,37 @@ def replay(path: Path, batch_size: int) -> None:
     settings = Settings()
     ensure_topics(settings)
     lines = sum(1 for line in path.open("rb") if line.strip())
-    bar, advance = _progress(lines, "replaying")
-    with path.open("rb") as handle:
-        messages, items = produce(settings, jsonl_messages(handle, batch_size), advance)
-    advance(items)
-    bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+    with _Progress(lines, "replaying") as bar, path.open("rb") as handle:
+        messages, items = produce(settings, jsonl_messages(handle, batch_size), bar.advance)
+        bar.advance(items)
     click.echo(f"sent {items} events in {messages} messages to {settings.events_topic}", err=True)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead-letter queue: inspect and re-submit."""
+
+
+@dlq.command("replay")
+@click.option("--reason", help="only entries with this reason (e.g. schema_violation)")
+@click.option("--limit", type=click.IntRange(1), default=1_000_000, show_default=True)
+@click.option("--dry-run", is_flag=True, help="report what would be re-submitted, send nothing")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_replay(reason: str | None, limit: int, dry_run: bool, as_json: bool) -> None:
+    """Re-submit dead letters that pass validation now (after a fix to the data, the contract or the settings).
+
+    Entries whose events are already stored are marked and skipped; entries that still fail stay in the DLQ.
+    """
+    from dealpulse.agents.dlq import replay_dead_letters
+    from dealpulse.pipelines.store.client import connect
+
+    settings = Settings()
+    report = replay_dead_letters(settings, connect(settings), reason, limit, dry_run)
+    if as_json:
+        click.echo(orjson.dumps(report.as_dict()).decode())
+    else:
+        click.echo(f"re-submitted {report.resubmitted}, already stored {report.already_stored}, "
+                   f"still invalid {report.still_invalid} {report.reasons_left or ''}".rstrip())  # fmt: skip
 
 
 @main.group()

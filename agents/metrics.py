@@ -25,28 +25,36 @@ class IngestMetrics:
         self.events_stored = Counter("dealpulse_events_stored_total", "events written to the store", registry=r)
         self.dlq = Counter("dealpulse_dlq_total", "items sent to the dead-letter queue", ["reason"], registry=r)
         self.duplicates = Counter(
-            "dealpulse_duplicates_dropped_total", "events dropped because their event_id was stored", registry=r
+            "dealpulse_duplicates_dropped_total",
+            "events dropped because their event_id was stored",
+            registry=r,
         )
         self.replay_skipped = Counter(
-            "dealpulse_replay_skipped_total", "items skipped after a restart because the store had them", registry=r
+            "dealpulse_replay_skipped_total",
+            "items skipped after a restart because the store had them",
+            registry=r,
         )
         self.batch_items = Histogram(
             "dealpulse_sink_batch_items", "items per store batch",
             buckets=(1, 10, 100, 1000, 5000, 10000, 50000, 100000), registry=r,
         )  # fmt: skip
-        self.insert_seconds = Histogram(
-            "dealpulse_store_insert_seconds", "store insert latency", ["table"], registry=r
-        )
+        self.insert_seconds = Histogram("dealpulse_store_insert_seconds", "store insert latency", ["table"], registry=r)
         self.insert_rows = Counter("dealpulse_store_insert_rows_total", "rows inserted", ["table"], registry=r)
         self.insert_errors = Counter(
-            "dealpulse_store_insert_errors_total", "failed store inserts (each is retried)", ["table"], registry=r
+            "dealpulse_store_insert_errors_total",
+            "failed store inserts (each is retried)",
+            ["table"],
+            registry=r,
         )
         self.event_to_stored = Histogram(
             "dealpulse_event_to_stored_seconds", "event time to stored (includes source lateness)",
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.consumer_lag = Gauge(
-            "dealpulse_consumer_lag_messages", "messages behind the log end", ["topic", "partition"], registry=r
+            "dealpulse_consumer_lag_messages",
+            "messages behind the log end",
+            ["topic", "partition"],
+            registry=r,
         )
 
     def serve(self, port: int) -> int:

@@ -10,7 +10,6 @@ from types import TracebackType
 from typing import Any
 
 from confluent_kafka import Producer
-
 from dealpulse.agents.embedded import (
     ManagedProcess,
     StoreCredentials,
@@ -74,7 +73,9 @@ class EmbeddedStack:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -172,4 +173,3 @@ def produce(
     if remaining or failures:
         raise RuntimeError(f"{remaining} messages undelivered, {len(failures)} failed: {failures[:3]}")
     return sent_messages, sent_items
-

@@ -77,11 +77,13 @@ class ChdbEngine:
         self._session = session.Session(str(path))
         self._lock = threading.Lock()
         self._database = "default"
-        self._spool = Path(tempfile.mkdtemp(prefix="dealpulse-store-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        self._spool = Path(
+            tempfile.mkdtemp(prefix="dealpulse-store-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        )
         self.version = self.run("SELECT version()", "TabSeparated").decode().strip()
 
     def run(self, sql: str, fmt: str, database: str | None = None, params: dict[str, str] | None = None) -> bytes:
-        from chdb import ChdbError  # type: ignore[attr-defined]
+        from chdb import ChdbError
 
         with self._lock:
             try:
@@ -153,9 +155,9 @@ def _decompress(body: bytes, encoding: str) -> bytes:
         return bytes(lz4.frame.decompress(body))
     if encoding == "zstd":
         try:
-            from compression import zstd  # type: ignore[import-not-found]
+            from compression import zstd
         except ImportError:
-            from backports import zstd  # type: ignore[no-redef]
+            from backports import zstd
         return bytes(zstd.decompress(body))
     raise ClickHouseError(1001, f"Code: 1001. DB::Exception: unsupported Content-Encoding {encoding!r}.")
 
@@ -192,7 +194,7 @@ class StoreRequestHandler(BaseHTTPRequestHandler):
         self._handle(body)
 
     def _read_chunked(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
@@ -301,9 +303,7 @@ class StoreRequestHandler(BaseHTTPRequestHandler):
 
 
 def _readonly(user: str) -> ClickHouseError:
-    return ClickHouseError(
-        164, f"Code: 164. DB::Exception: {user}: Cannot execute query in readonly mode. (READONLY)"
-    )
+    return ClickHouseError(164, f"Code: 164. DB::Exception: {user}: Cannot execute query in readonly mode. (READONLY)")
 
 
 def serve(path: Path, host: str, port: int, users: StoreUsers, ready_file: Path | None = None) -> None:

@@ -77,7 +77,16 @@ class Prop:
     minimum: float | None = None
 
 
-PAGE_CATEGORIES = ("product_spec", "pricing", "competitor", "case_study", "whitepaper", "blog", "docs", "other")
+PAGE_CATEGORIES = (
+    "product_spec",
+    "pricing",
+    "competitor",
+    "case_study",
+    "whitepaper",
+    "blog",
+    "docs",
+    "other",
+)
 OUTCOME_KINDS = ("won", "lost", "churned", "renewed")
 SEVERITIES = ("low", "medium", "high", "critical")
 TICKET_STATUSES = ("open", "pending", "resolved", "closed")
@@ -297,7 +306,16 @@ def validate_event(obj: Any, rules: ContractRules, now_ms: int | None = None) ->
         return Rejection(Reason.SCHEMA_VIOLATION, "won/lost needs lead_id or opportunity_id", "lead_id")
 
     return Event(
-        event_id, event_type, ts_ms, tz_offset_min, account_id, lead_id, opportunity_id, source, props, keywords
+        event_id,
+        event_type,
+        ts_ms,
+        tz_offset_min,
+        account_id,
+        lead_id,
+        opportunity_id,
+        source,
+        props,
+        keywords,
     )
 
 
@@ -372,5 +390,8 @@ def json_schema() -> dict[str, Any]:
         "$id": "https://dealpulse.dev/schema/event-v1.json",
         "title": "dealpulse event contract v1 (one Kafka message value)",
         "$defs": {"event": event},
-        "oneOf": [{"$ref": "#/$defs/event"}, {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/event"}}],
+        "oneOf": [
+            {"$ref": "#/$defs/event"},
+            {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/event"}},
+        ],
     }

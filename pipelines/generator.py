@@ -31,9 +31,21 @@ PRODUCT_LINES = ("analytics", "crm", "erp")
 STAGE_PATH = ("lead", "outreach", "diagnosis", "presentation", "objection", "negotiation", "contract_review")
 FEATURES = ("dashboard", "export", "api", "alerts", "reports", "sso")
 CHAT_LINES = {
-    "price_objection": ["Is there a discount for 3 years?", "Our budget is tight this quarter", "预算有限，价格能再谈吗"],
-    "competitor_comparison": ["How do you compare to Salesforce?", "We are also talking to a competitor", "和竞品对比一下"],
-    "delivery_pressure": ["We need go-live before March", "The deadline is end of quarter", "我们需要尽快上线"],
+    "price_objection": [
+        "Is there a discount for 3 years?",
+        "Our budget is tight this quarter",
+        "预算有限，价格能再谈吗",
+    ],
+    "competitor_comparison": [
+        "How do you compare to Salesforce?",
+        "We are also talking to a competitor",
+        "和竞品对比一下",
+    ],
+    "delivery_pressure": [
+        "We need go-live before March",
+        "The deadline is end of quarter",
+        "我们需要尽快上线",
+    ],
     "neutral": ["Thanks for the call", "Can you resend the deck?", "Who else should join the meeting?"],
 }
 WORLD_START = datetime(2026, 6, 1, tzinfo=UTC)
@@ -277,13 +289,25 @@ def _stage_behaviour(builder: _Builder, rng: random.Random, account: str, lead: 
         if kind == "page_view":
             weights = [1 + 4 * intent, 1 + 3 * intent, 1 + 2 * (1 - intent), 1, 1 + intent, 2, 1, 1]
             category = rng.choices(
-                ["product_spec", "pricing", "competitor", "case_study", "whitepaper", "blog", "docs", "other"],
+                [
+                    "product_spec",
+                    "pricing",
+                    "competitor",
+                    "case_study",
+                    "whitepaper",
+                    "blog",
+                    "docs",
+                    "other",
+                ],
                 weights,
             )[0]
             props = {"url": f"/{category}/{rng.randint(1, 40)}", "page_category": category,
                      "dwell_ms": int(rng.lognormvariate(9 + intent, 0.7))}  # fmt: skip
         elif kind == "doc_open":
-            props = {"doc_id": f"proposal-{opportunity}", "doc_kind": rng.choice(["proposal", "deck", "datasheet"])}
+            props = {
+                "doc_id": f"proposal-{opportunity}",
+                "doc_kind": rng.choice(["proposal", "deck", "datasheet"]),
+            }
         elif kind == "doc_page_turn":
             props = {"doc_id": f"proposal-{opportunity}", "page": rng.randint(1, 24),
                      "dwell_ms": int(rng.lognormvariate(8.5 + intent, 0.6))}  # fmt: skip
@@ -293,7 +317,9 @@ def _stage_behaviour(builder: _Builder, rng: random.Random, account: str, lead: 
             props = {"asset_id": f"asset-{rng.randint(1, 30)}",
                      "asset_kind": rng.choice(["whitepaper", "case_study", "datasheet"])}  # fmt: skip
         elif kind == "chat_message":
-            topic = rng.choices(list(CHAT_LINES), [1 + (stage in ("objection", "negotiation")) * 3, 1, intent * 2, 3])[0]
+            topic = rng.choices(list(CHAT_LINES), [1 + (stage in ("objection", "negotiation")) * 3, 1, intent * 2, 3])[
+                0
+            ]
             props = {"channel": rng.choice(["web_chat", "email", "wechat"]), "direction": "inbound",
                      "text": rng.choice(CHAT_LINES[topic])}  # fmt: skip
         else:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-
 from dealpulse.pipelines.contract import ContractRules, Event, Reason, Rejection, validate_event
 
 EVENT_COLUMNS = (

@@ -15,8 +15,6 @@ import re
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from dealpulse.pipelines.config_errors import ConfigError, load_yaml
 
 
@@ -71,6 +69,3 @@ def parse_dictionary(text: str, filename: str) -> dict[str, list[str]]:
             raise ConfigError(filename, line, column, f"tag {tag!r} needs a non-empty list of non-empty terms")
         result[tag] = [t.strip() for t in terms]
     return result
-
-
-__all__ = ["KeywordTagger", "parse_dictionary", "yaml"]

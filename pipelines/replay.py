@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import orjson
-
 from dealpulse.pipelines.generator import Record, pack_messages
 
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
-
 from dealpulse.pipelines.settings import Settings
 
 
@@ -28,7 +27,11 @@ class Store:
         return [tuple(row) for row in self.client.query(sql, parameters=parameters).result_rows]
 
     def insert(
-        self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...], dedup_token: str | None = None
+        self,
+        table: str,
+        rows: list[tuple[Any, ...]],
+        columns: tuple[str, ...],
+        dedup_token: str | None = None,
     ) -> None:
         settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
         self.client.insert(table, rows, column_names=list(columns), database=self.database, settings=settings)
