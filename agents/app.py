@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from faust.types import TP, EventT
+
 from dealpulse.agents.metrics import IngestMetrics
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
@@ -23,7 +25,6 @@ from dealpulse.pipelines.keywords import KeywordTagger
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store, connect
 from dealpulse.pipelines.store.writer import BatchWriter, RetryPolicy, load_partition_state
-from faust.types import TP, EventT
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         service.forget(list(args[0]))  # reload from the store at the first message of each assigned partition
+        metrics.assigned_partitions.set(len(app.consumer.assignment()))
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
+
 from dealpulse.agents.stack import EmbeddedStack, produce
 from dealpulse.pipelines.generator import generate_world, pack_messages
 from dealpulse.pipelines.settings import Settings

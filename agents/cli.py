@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 import orjson
+
 from dealpulse.pipelines.settings import Settings
 
 
@@ -82,12 +83,13 @@ def worker() -> None:
 
     Scale out by starting more workers with the same DEALPULSE_CONSUMER_GROUP (up to the partition count).
     """
+    from faust.worker import Worker
+
     from dealpulse.agents.app import create_app
     from dealpulse.agents.kafka_admin import ensure_topics
     from dealpulse.agents.metrics import IngestMetrics
     from dealpulse.pipelines.store.client import connect
     from dealpulse.pipelines.store.migrations import applied_versions, load_migrations
-    from faust.worker import Worker
 
     settings = Settings()
     store_ = connect(settings)
@@ -159,8 +161,9 @@ def demo(n_events: int, seed: int, batch_size: int, as_json: bool, keep_running:
         say(f"broker  {settings.kafka_bootstrap} (Tansu, in memory)")
         say(f"store   http://127.0.0.1:{settings.clickhouse_port} (chDB {wd / 'store'})")
         worker_proc = stack.start_worker()
-        say(f"worker  pid {worker_proc.pid}, metrics http://127.0.0.1:{worker_proc.metrics_port}/metrics")  # type: ignore[attr-defined]
+        say(f"worker  pid {worker_proc.pid}, metrics http://127.0.0.1:{worker_proc.metrics_port}/metrics")
         messages = _world_messages(n_events, seed, batch_size)
+        stack.wait_worker_ready(worker_proc)
         started = time.monotonic()
         if quiet:
             _, sent = produce(settings, messages)

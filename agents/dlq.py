@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
+
 from dealpulse.agents.app import contract_rules
 from dealpulse.pipelines.contract import Rejection, validate_event
 from dealpulse.pipelines.ingest import decode_message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from dealpulse.pipelines.settings import Settings
 
 

@@ -57,6 +57,10 @@ class IngestMetrics:
             registry=r,
         )
 
+        self.assigned_partitions = Gauge(
+            "dealpulse_assigned_partitions", "partitions this worker owns (0 until it joined its group)", registry=r
+        )
+
     def serve(self, port: int) -> int:
         """Expose /metrics; returns the bound port (``port=0`` picks a free one)."""
         server, _thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from confluent_kafka import Producer
+
 from dealpulse.agents.embedded import (
     ManagedProcess,
     StoreCredentials,
@@ -38,6 +40,43 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+@dataclass
+class WorkerProcess(ManagedProcess):
+    metrics_port: int = 0
+
+
+def start_worker_process(settings: Settings, workdir: Path, index: int = 0) -> WorkerProcess:
+    """Start `dealpulse worker` with these settings (its metrics on a free port)."""
+    port = free_port()
+    proc = ManagedProcess.start(
+        f"worker-{index}",
+        [sys.executable, "-m", "dealpulse.agents.cli", "worker"],
+        workdir / f"worker-{index}.log",
+        env=settings_env(settings.model_copy(update={"metrics_port": port})),
+    )
+    return WorkerProcess(proc.name, proc.process, proc.log_path, port)
+
+
+def wait_worker_ready(worker: WorkerProcess, timeout: float = 120) -> None:
+    """Wait until the worker has joined its group and owns partitions (read from its /metrics)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise RuntimeError(f"{worker.name} exited ({worker.process.returncode}):\n{worker.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                for line in response.read().decode().splitlines():
+                    if line.startswith("dealpulse_assigned_partitions ") and float(line.split()[1]) > 0:
+                        return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{worker.name} did not join its group in {timeout:.0f}s:\n{worker.log_tail()}")
+
+
 class EmbeddedStack:
     """Start with ``with EmbeddedStack(workdir) as stack:``; everything stops on exit, also on Ctrl-C."""
 
@@ -46,7 +85,7 @@ class EmbeddedStack:
         self.overrides = overrides
         self.credentials = StoreCredentials()
         self.processes: list[ManagedProcess] = []
-        self.workers: list[ManagedProcess] = []
+        self.workers: list[WorkerProcess] = []
         self.settings: Settings
         self._store: Store | None = None
 
@@ -84,20 +123,14 @@ class EmbeddedStack:
             self._store = connect(self.settings)
         return self._store
 
-    def start_worker(self, metrics_port: int | None = None, **overrides: Any) -> ManagedProcess:
+    def start_worker(self, **overrides: Any) -> WorkerProcess:
         """Start a `dealpulse worker` process against this stack."""
-        port = metrics_port if metrics_port is not None else free_port()
-        settings = self.settings.model_copy(update={"metrics_port": port, **overrides})
-        index = len(self.workers)
-        worker = ManagedProcess.start(
-            f"worker-{index}",
-            [sys.executable, "-m", "dealpulse.agents.cli", "worker"],
-            self.workdir / f"worker-{index}.log",
-            env=settings_env(settings),
-        )
-        worker.metrics_port = port  # type: ignore[attr-defined]
+        worker = start_worker_process(self.settings.model_copy(update=overrides), self.workdir, len(self.workers))
         self.workers.append(worker)
         return worker
+
+    def wait_worker_ready(self, worker: WorkerProcess, timeout: float = 120) -> None:
+        wait_worker_ready(worker, timeout)
 
     def accounting(self) -> dict[str, int]:
         return accounting(self.store)

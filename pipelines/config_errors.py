@@ -1,9 +1,10 @@
 """Config files fail with file:line:column, the way compilers report errors.
 
->>> load_yaml("a: [1, 2", "rules.yaml")
-Traceback (most recent call last):
-...
-dealpulse.pipelines.config_errors.ConfigError: rules.yaml:2:1: invalid YAML: while parsing a flow sequence ...
+>>> try:
+...     load_yaml("a: [1, 2", "rules.yaml")
+... except ConfigError as error:
+...     print(error.filename, error.line, error.column)
+rules.yaml 1 9
 """
 
 from __future__ import annotations

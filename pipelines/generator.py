@@ -6,10 +6,10 @@ opportunities stall. The latent variables never appear in event props: they go t
 
 The stream is event-time ordered with a little lateness, ~1 % malformed and ~0.5 % duplicate records.
 
->>> world = generate_world(seed=3, target_events=400)
+>>> world = generate_world(seed=3, target_events=2000)
 >>> records = list(world.records())
->>> len(records), records == list(generate_world(seed=3, target_events=400).records())
-(400, True)
+>>> len(records), records == list(generate_world(seed=3, target_events=2000).records())
+(2000, True)
 >>> sorted({r.kind for r in records})
 ['duplicate', 'malformed', 'valid']
 """
@@ -170,13 +170,20 @@ class _Builder:
         return day.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(hours=local_hour - tz_hours)
 
 
-def generate_world(seed: int, target_events: int, days: int = 150) -> World:
-    """Build a world big enough for ``target_events`` records."""
+def generate_world(seed: int, target_events: int, days: int = 150, scale: float = 1.0) -> World:
+    """Build a world big enough for ``target_events`` records (grown until it is: small worlds vary a lot)."""
+    world = _build_world(seed, target_events, days, scale)
+    if len(world.events) < target_events * 1.03:
+        return generate_world(seed, target_events, days, scale * 1.5)
+    return world
+
+
+def _build_world(seed: int, target_events: int, days: int, scale: float) -> World:
     rng = random.Random(seed)
     end = WORLD_START + timedelta(days=days)
     builder = _Builder(rng, end)
     truth = Truth()
-    n_leads = max(4, math.ceil(target_events * 1.05 / EVENTS_PER_LEAD))
+    n_leads = max(4, math.ceil(target_events * 1.05 * scale / EVENTS_PER_LEAD))
     n_accounts = max(2, n_leads // 3)
     lead_counter = 0
     for a in range(n_accounts):

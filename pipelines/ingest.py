@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
 from dealpulse.pipelines.contract import ContractRules, Event, Reason, Rejection, validate_event
 
 EVENT_COLUMNS = (

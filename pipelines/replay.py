@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import orjson
+
 from dealpulse.pipelines.generator import Record, pack_messages
 
 

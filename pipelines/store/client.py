@@ -6,6 +6,7 @@ from typing import Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+
 from dealpulse.pipelines.settings import Settings
 
 

@@ -1,0 +1,64 @@
+"""Shared fixtures. Integration tests get a real Tansu broker and a real chDB store, started on free ports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dealpulse.agents.embedded import StoreCredentials, start_broker, start_store
+from dealpulse.agents.kafka_admin import ensure_topics
+from dealpulse.pipelines.settings import Settings
+from dealpulse.pipelines.store.client import Store, connect
+from dealpulse.pipelines.store.migrations import migrate_up
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """One broker and one store process for the whole session; tests isolate by topic and database names."""
+    workdir = tmp_path_factory.mktemp("services")
+    credentials = StoreCredentials()
+    broker, bootstrap = start_broker(workdir)
+    try:
+        store, port = start_store(workdir, workdir / "store", credentials)
+    except BaseException:
+        broker.stop()
+        raise
+    yield {"bootstrap": bootstrap, "store_port": port, "credentials": credentials, "workdir": workdir,
+           "store_process": store, "broker_process": broker}  # fmt: skip
+    store.stop()
+    broker.stop()
+
+
+@pytest.fixture
+def settings(services: dict[str, object], tmp_path: Path) -> Settings:
+    """Settings with a fresh database, topics and consumer group for this test, migrated and created."""
+    suffix = uuid.uuid4().hex[:10]
+    credentials = services["credentials"]
+    assert isinstance(credentials, StoreCredentials)
+    result = Settings(
+        kafka_bootstrap=str(services["bootstrap"]),
+        events_topic=f"events-{suffix}",
+        dlq_topic=f"events-{suffix}.dlq",
+        consumer_group=f"dealpulse-{suffix}",
+        clickhouse_port=int(str(services["store_port"])),
+        clickhouse_user=credentials.writer,
+        clickhouse_password=credentials.writer_password,
+        clickhouse_database=f"test_{suffix}",
+        data_dir=tmp_path / "worker",
+        topic_partitions=2,
+    )
+    store = connect(result)
+    migrate_up(store, result.clickhouse_database)
+    store.close()
+    ensure_topics(result)
+    return result
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Store]:
+    client = connect(settings)
+    yield client
+    client.close()
