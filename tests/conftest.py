@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from dealpulse.agents.embedded import StoreCredentials, start_broker, start_store
 from dealpulse.agents.kafka_admin import ensure_topics
+from dealpulse.agents.stack import WorkerProcess, start_worker_process, wait_worker_ready
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store, connect
 from dealpulse.pipelines.store.migrations import migrate_up
+from dealpulse.pipelines.store.writer import accounting
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +65,29 @@ def store(settings: Settings) -> Iterator[Store]:
     client = connect(settings)
     yield client
     client.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `dealpulse worker` processes (waiting until they own partitions); all are stopped afterwards."""
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, wait: bool = True) -> WorkerProcess:
+        worker = start_worker_process(settings, tmp_path, len(started))
+        started.append(worker)
+        if wait:
+            wait_worker_ready(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_accounted(store: Store, expected: int, timeout: float = 120) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = accounting(store)
+        if sum(counts.values()) >= expected or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
