@@ -1,0 +1,127 @@
+"""The pipeline on real parts: Tansu broker, Faust worker processes, chDB store."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import orjson
+import pytest
+from confluent_kafka import Consumer
+
+from dealpulse.agents.dlq import replay_dead_letters
+from dealpulse.agents.stack import WorkerProcess, produce
+from dealpulse.pipelines.generator import generate_world, pack_messages
+from dealpulse.pipelines.settings import DEFAULT_STAGES, Settings
+from dealpulse.pipelines.store.client import Store
+from dealpulse.pipelines.store.writer import accounting
+from tests.conftest import wait_accounted
+
+pytestmark = pytest.mark.integration
+StartWorker = Callable[..., WorkerProcess]
+
+
+def expected_outcome(seed: int, n_events: int) -> tuple[list[bytes], set[str], int, int]:
+    """What the generator meant: the records, the distinct valid event ids, #malformed, #duplicates."""
+    records = list(generate_world(seed, n_events).records())
+    kinds = Counter(r.kind for r in records)
+    valid_ids = {orjson.loads(r.value)["event_id"] for r in records if r.kind == "valid"}
+    return [r.value for r in records], valid_ids, kinds["malformed"], kinds["duplicate"]
+
+
+def consume_all(settings: Settings, topic: str, expected: int, timeout: float = 60) -> list[object]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"check-{time.time_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer.subscribe([topic])
+    found: list[object] = []
+    deadline = time.monotonic() + timeout
+    while len(found) < expected and time.monotonic() < deadline:
+        found.extend(m for m in consumer.consume(500, 0.5) if not m.error())
+    consumer.close()
+    return found
+
+
+def test_every_message_is_stored_dead_lettered_or_dropped(
+    settings: Settings, store: Store, start_worker: StartWorker
+) -> None:
+    _, valid_ids, malformed, duplicates = expected_outcome(seed=21, n_events=4000)
+    start_worker(settings)
+    _, sent = produce(settings, pack_messages(generate_world(21, 4000).records(), 50))
+    counts = wait_accounted(store, sent)
+    assert counts == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
+    stored = {row[0] for row in store.query_rows("SELECT event_id FROM events")}
+    assert stored == valid_ids
+    # chat text never reaches the store, its keyword tags do
+    chats = store.query_rows("SELECT props, keywords FROM events WHERE type = 'chat_message'")
+    assert chats and all('"text"' not in props for props, _ in chats)
+    assert any(keywords for _, keywords in chats)
+
+    # the DLQ topic carries the original bytes and a typed reason with the source position
+    dead = consume_all(settings, settings.dlq_topic, malformed)
+    assert len(dead) == malformed
+    reasons = Counter(dict(m.headers())["dealpulse.dlq.reason"].decode() for m in dead)  # type: ignore[attr-defined]
+    assert set(reasons) <= {"malformed_json", "schema_violation", "unknown_type", "timestamp_out_of_range"}
+    stored_dlq = dict(store.query_rows("SELECT dlq_id, payload FROM dlq"))
+    for message in dead:
+        headers = dict(message.headers())  # type: ignore[attr-defined]
+        assert headers["dealpulse.dlq.topic"].decode() == settings.events_topic
+        assert stored_dlq[headers["dealpulse.dlq.id"].decode()].encode() == message.value()  # type: ignore[attr-defined]
+
+
+def test_duplicates_are_dropped_across_restarts_and_dlq_replay_after_a_fix(
+    settings: Settings, store: Store, start_worker: StartWorker
+) -> None:
+    event = {"event_id": "e-restart", "type": "feature_use", "ts": "2026-10-01T10:00:00+02:00",
+             "account_id": "acme", "props": {"feature": "export"}}  # fmt: skip
+    pilot = {"event_id": "e-pilot", "type": "stage_change", "ts": "2026-10-02T10:00:00+02:00",
+             "account_id": "acme", "opportunity_id": "o1", "props": {"from_stage": "diagnosis", "to_stage": "pilot"}}  # fmt: skip
+    first = start_worker(settings)
+    produce(settings, [("acme", orjson.dumps(event), 1), ("acme", orjson.dumps(pilot), 1)])
+    assert wait_accounted(store, 2) == {"events_stored": 1, "dlq": 1, "duplicates_dropped": 0}
+    assert store.query_rows("SELECT reason, field FROM dlq") == [("schema_violation", "props.to_stage")]
+    first.stop()
+
+    # the fix: a new stage; the restarted worker knows it, and still remembers e-restart
+    fixed = settings.model_copy(update={"stages": (*DEFAULT_STAGES, "pilot")})
+    start_worker(fixed)
+    produce(settings, [("acme", orjson.dumps(event), 1)])
+    assert wait_accounted(store, 3) == {"events_stored": 1, "dlq": 1, "duplicates_dropped": 1}
+
+    report = replay_dead_letters(fixed, store)
+    assert (report.resubmitted, report.still_invalid) == (1, 0)
+    deadline = time.monotonic() + 60
+    while not store.query_rows("SELECT 1 FROM events WHERE event_id = 'e-pilot'") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.query_rows("SELECT count() FROM events WHERE event_id = 'e-pilot'") == [(1,)]
+    again = replay_dead_letters(fixed, store)
+    assert (again.resubmitted, again.already_stored) == (0, 0), "a replayed entry must not be sent twice"
+    time.sleep(1)
+    assert store.query_rows("SELECT count() FROM events") == [(2,)]
+
+
+def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
+    settings: Settings, store: Store, start_worker: StartWorker
+) -> None:
+    """Kill -9 the worker while it writes; a new worker must finish with every valid event exactly once."""
+    n_events = 40_000
+    _, valid_ids, malformed, duplicates = expected_outcome(seed=33, n_events=n_events)
+    # small batches: many store writes and commits, so the kill lands between them
+    crashy = settings.model_copy(update={"batch_max_messages": 10, "batch_max_seconds": 0.2})
+    victim = start_worker(crashy)
+    _, sent = produce(settings, pack_messages(generate_world(33, n_events).records(), 20))
+    deadline = time.monotonic() + 120
+    while sum(accounting(store).values()) < sent * 0.2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim.kill()
+    at_kill = sum(accounting(store).values())
+    assert 0 < at_kill < sent, f"the kill did not land mid-stream ({at_kill} of {sent})"
+
+    start_worker(crashy)
+    counts = wait_accounted(store, sent, timeout=300)
+    time.sleep(1.5)  # anything written twice would show up now
+    counts = accounting(store)
+    assert counts == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
+    assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids), len(valid_ids))]
+    assert {row[0] for row in store.query_rows("SELECT event_id FROM events")} == valid_ids
+    assert store.query_rows("SELECT count(), uniqExact(dlq_id) FROM dlq") == [(malformed, malformed)]
