@@ -1,0 +1,79 @@
+"""The CLI as a user runs it: `dealpulse demo`, `schema`, `generate`, `replay`, `migrate`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import orjson
+import pytest
+
+from dealpulse.agents.stack import settings_env
+from dealpulse.pipelines.settings import Settings
+from dealpulse.pipelines.store.client import Store
+from tests.conftest import wait_accounted
+
+pytestmark = pytest.mark.e2e
+
+
+def dealpulse(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dealpulse.agents.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_demo_json_accounts_for_every_event(tmp_path: Path) -> None:
+    result = dealpulse("demo", "--events", "3000", "--seed", "5", "--json", "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    summary = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["events_sent"] == 3000
+    assert summary["events_stored"] + summary["dlq"] + summary["duplicates_dropped"] == summary["events_sent"]
+    assert summary["dlq"] > 0 and summary["duplicates_dropped"] > 0 and summary["seconds"] > 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert leftovers.stdout.strip() == "", "demo left processes running"
+
+
+def test_demo_human_summary(tmp_path: Path) -> None:
+    result = dealpulse("demo", "--events", "1000", "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "every event accounted for" in result.stdout
+    assert "metrics http://127.0.0.1:" in result.stderr
+
+
+def test_schema_is_valid_json_schema() -> None:
+    result = dealpulse("schema")
+    assert result.returncode == 0
+    schema = orjson.loads(result.stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert set(schema["$defs"]["event"]["properties"]["type"]["enum"]) >= {"page_view", "quote", "outcome"}
+
+
+def test_generate_to_file_then_replay_into_a_running_worker(
+    tmp_path: Path, settings: Settings, store: Store, start_worker: object
+) -> None:
+    events, truth = tmp_path / "world.jsonl", tmp_path / "truth.json"
+    result = dealpulse("generate", "--events", "1500", "--seed", "9", "--out", str(events), "--truth", str(truth))
+    assert result.returncode == 0, result.stderr
+    assert len(events.read_bytes().splitlines()) == 1500
+    assert orjson.loads(truth.read_bytes())["leads"]
+    start_worker(settings)  # type: ignore[operator]
+    result = dealpulse("replay", str(events), env=settings_env(settings))
+    assert result.returncode == 0, result.stderr
+    counts = wait_accounted(store, 1500)
+    assert sum(counts.values()) == 1500 and counts["dlq"] > 0
+
+
+def test_helpful_errors() -> None:
+    result = dealpulse("demo", "--events", "0")
+    assert result.returncode == 2 and "--events" in result.stderr
+    result = dealpulse("replay", "/nonexistent.jsonl")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "demo" in dealpulse("--help").stdout
