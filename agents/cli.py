@@ -215,15 +215,17 @@ def _print_connection_help(stack: object) -> None:
 
     assert isinstance(stack, EmbeddedStack)
     s, c = stack.settings, stack.credentials
+    metrics = ", ".join(f"http://127.0.0.1:{w.metrics_port}/metrics" for w in stack.workers)
     click.echo(f"""
 The pipeline keeps running. Connect with:
   Kafka       bootstrap.servers={s.kafka_bootstrap}   produce JSON events to {s.events_topic} (key = account_id)
   ClickHouse  http://127.0.0.1:{s.clickhouse_port}  database {s.clickhouse_database}
               writer:     user {c.writer}  password {c.writer_password}
               BI (read):  user {c.reader}  password {c.reader_password}
-  e.g.        curl -u {c.reader}:{c.reader_password} 'http://127.0.0.1:{s.clickhouse_port}/?database={s.clickhouse_database}' \
+  e.g.        curl -u {c.reader}:{c.reader_password} 'http://127.0.0.1:{s.clickhouse_port}/?database={s.clickhouse_database}' \\
                    --data-binary 'SELECT type, count() FROM events GROUP BY type'
               DEALPULSE_KAFKA_BOOTSTRAP={s.kafka_bootstrap} dealpulse replay my-events.jsonl
+  Metrics     {metrics}
 Press Ctrl-C to stop everything.""")
 
 
