@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from dealpulse.pipelines.contract import PAGE_CATEGORIES
+
 REGIONS = {"APAC": 8, "EMEA": 1, "NA": -5, "LATAM": -3}  # region -> UTC offset hours
 INDUSTRIES = ("manufacturing", "retail", "finance", "healthcare", "software", "logistics")
 PRODUCT_LINES = ("analytics", "crm", "erp")
@@ -294,20 +296,9 @@ def _stage_behaviour(builder: _Builder, rng: random.Random, account: str, lead: 
         kind = rng.choice(kinds)
         props: dict[str, Any]
         if kind == "page_view":
+            # weights follow PAGE_CATEGORIES: product_spec, pricing, competitor, case_study, whitepaper, blog, docs, other
             weights = [1 + 4 * intent, 1 + 3 * intent, 1 + 2 * (1 - intent), 1, 1 + intent, 2, 1, 1]
-            category = rng.choices(
-                [
-                    "product_spec",
-                    "pricing",
-                    "competitor",
-                    "case_study",
-                    "whitepaper",
-                    "blog",
-                    "docs",
-                    "other",
-                ],
-                weights,
-            )[0]
+            category = rng.choices(PAGE_CATEGORIES, weights)[0]
             props = {"url": f"/{category}/{rng.randint(1, 40)}", "page_category": category,
                      "dwell_ms": int(rng.lognormvariate(9 + intent, 0.7))}  # fmt: skip
         elif kind == "doc_open":
