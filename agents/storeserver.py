@@ -42,6 +42,12 @@ _INSERT_WITH_DATA = re.compile(rb"^\s*INSERT\s+INTO\s+(.+?)\s+FORMAT\s+(\w+)[ \t
 _INSERT_TARGET = re.compile(r"^\s*((?:`[^`]+`|\w+)(?:\.(?:`[^`]+`|\w+))?)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 _TRAILING_FORMAT = re.compile(r"\s+FORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
 _READ_ONLY_STATEMENT = re.compile(r"^\s*(\(\s*)*(SELECT|WITH|SHOW|DESC|DESCRIBE|EXISTS|EXPLAIN)\b", re.IGNORECASE)
+# the BI user reads tables; these would let it read or write the store host's files or reach other hosts
+_READER_DENIED = re.compile(
+    r"\bINTO\s+OUTFILE\b|\b(file|url|s3|s3Cluster|hdfs|remote|remoteSecure|cluster|mysql|postgresql|mongodb|"
+    r"sqlite|jdbc|odbc|executable|input|azureBlobStorage|gcs|iceberg|deltaLake|hudi)\s*\(",
+    re.IGNORECASE,
+)
 _LEADING_COMMENTS = re.compile(r"^(\s*(--[^\n]*\n|/\*.*?\*/))*", re.DOTALL)
 _CODE = re.compile(r"Code:\s*(\d+)")
 _NOT_SETTINGS = {
@@ -284,7 +290,7 @@ class StoreRequestHandler(BaseHTTPRequestHandler):
         statement = _LEADING_COMMENTS.sub("", statement_text).strip().rstrip(";").strip()
         if not statement:
             raise ClickHouseError(62, "Code: 62. DB::Exception: Empty query. (SYNTAX_ERROR)")
-        if read_only and not _READ_ONLY_STATEMENT.match(statement):
+        if read_only and (not _READ_ONLY_STATEMENT.match(statement) or _READER_DENIED.search(statement)):
             raise _readonly(user)
         fmt = params.get("default_format") or "TabSeparated"
         trailing = _TRAILING_FORMAT.search(statement)

@@ -72,6 +72,10 @@ def test_read_only_user_can_query_but_not_write(settings: Settings, services: di
             reader.command(statement)
     with pytest.raises(DatabaseError, match="READONLY"):
         reader.insert("events", [event_row("x", 1)], EVENT_COLUMNS)
+    for escape in ("SELECT * FROM file('/etc/passwd', 'LineAsString')", "SELECT 1 INTO OUTFILE '/tmp/x.tsv'",
+                   "SELECT * FROM url('http://127.0.0.1:1/', 'CSV', 'a String')"):  # fmt: skip
+        with pytest.raises(DatabaseError, match="READONLY"):
+            reader.query_rows(escape)
 
 
 def test_password_is_required(settings: Settings) -> None:
