@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EVENTS ?= 20000
 SEED   ?= 7
 
-.PHONY: install demo test test-unit lint typecheck bench clean
+.PHONY: install tools demo test test-unit lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (Python 3.11)"; exit 1; }
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Prometheus (promtool + server) checks the shipped alert rules and scrapes a worker in the tests.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null); \
+	  else echo "need prometheus and promtool on PATH (Debian/Ubuntu: sudo apt-get install prometheus)"; exit 1; fi; }
 
 demo: $(STAMP)
 	$(BIN)/dealpulse demo --events $(EVENTS) --seed $(SEED)
@@ -36,7 +43,7 @@ typecheck: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit pipelines models
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) tools lint typecheck
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

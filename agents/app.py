@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,8 +58,21 @@ class IngestService:
             self.store,
             RetryPolicy(self.settings.store_retry_initial_s, self.settings.store_retry_max_s),
             should_stop=lambda: self.stopping,
-            on_retry=lambda table, attempt, exc: self.metrics.insert_errors.labels(table).inc(),
+            on_retry=self._on_retry,
+            on_insert=self._on_insert,
         )
+
+    def _on_retry(self, table: str, attempt: int, exc: Exception) -> None:
+        if self.settings.metrics_enabled:
+            self.metrics.insert_errors.labels(table).inc()
+            self.metrics.insert_retries.labels(table).inc()
+            self.metrics.store_backoff.set(1)
+
+    def _on_insert(self, table: str, rows: int, seconds: float) -> None:
+        if self.settings.metrics_enabled:
+            self.metrics.insert_seconds.labels(table).observe(seconds)
+            self.metrics.insert_rows.labels(table).inc(rows)
+            self.metrics.store_backoff.set(0)
 
     async def ensure_partition_loaded(self, topic: str, partition: int, first_offset: int) -> None:
         """Load dedup state for a partition this worker just gained (from the store: the source of truth)."""
@@ -100,9 +114,9 @@ class IngestService:
                 settings.max_events_per_message,
             )
         await self._publish_dead_letters(batch, dlq_topic)
-        started = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.write, batch)
-        self._observe(events, batch, time.perf_counter() - started)
+        if settings.metrics_enabled:
+            self._observe(events, batch)
         return batch
 
     async def _publish_dead_letters(self, batch: Batch, dlq_topic: faust.TopicT) -> None:
@@ -129,24 +143,26 @@ class IngestService:
             pending.append(await dlq_topic.send(key=row[at["dlq_id"]].encode(), value=payload, headers=headers))
         await asyncio.gather(*pending)  # delivered before the batch may be acked
 
-    def _observe(self, events: Sequence[EventT], batch: Batch, insert_seconds: float) -> None:
+    def _observe(self, events: Sequence[EventT], batch: Batch) -> None:
         m = self.metrics
-        m.messages_consumed.labels(self.settings.events_topic).inc(len(events))
-        for event in batch.valid:
-            m.events_validated.labels(event.type).inc()
-        m.events_stored.inc(len(batch.events))
-        for row in batch.dlq:
-            m.dlq.labels(row[1]).inc()
+        topic = self.settings.events_topic
+        m.messages_consumed.labels(topic).inc(len(events))
+        m.events_consumed.labels(topic).inc(len(batch) + batch.replay_skipped)
+        validated = Counter(event.type for event in batch.valid)
+        for event_type, count in validated.items():
+            m.events_validated.labels(event_type).inc(count)
+            m.events_stored.labels(event_type).inc(count)
+        for reason, count in Counter(row[1] for row in batch.dlq).items():
+            m.dlq.labels(reason).inc(count)
         m.duplicates.inc(len(batch.duplicates))
         m.replay_skipped.inc(batch.replay_skipped)
         m.batch_items.observe(len(batch))
-        m.insert_seconds.labels("batch").observe(insert_seconds)
-        m.insert_rows.labels("events").inc(len(batch.events))
-        m.insert_rows.labels("dlq").inc(len(batch.dlq))
-        m.insert_rows.labels("duplicates").inc(len(batch.duplicates))
         now = time.time()
-        for event in batch.valid[-64:]:  # a sample keeps the hot path cheap
-            m.event_to_stored.observe(max(0.0, now - event.ts_ms / 1000))
+        m.last_stored.set(now)
+        for event in events[-16:]:  # a sample keeps the hot path cheap
+            m.kafka_to_stored.observe(max(0.0, now - event.message.timestamp))
+        for valid in batch.valid[-64:]:
+            m.event_to_stored.observe(max(0.0, now - valid.ts_ms / 1000))
 
 
 def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faust.App:

@@ -45,7 +45,9 @@ def raw_consume_rate(settings: Settings, expected_messages: int, timeout: float 
     return items / elapsed if elapsed > 0 else 0.0, items
 
 
-def bench_ingest(workdir: Path, n_events: int, seed: int, batch_size: int, timeout: float = 900) -> dict[str, Any]:
+def bench_ingest(
+    workdir: Path, n_events: int, seed: int, batch_size: int, metrics: bool = True, timeout: float = 900
+) -> dict[str, Any]:
     world = generate_world(seed, n_events)
     messages = list(pack_messages(world.records(), batch_size))
     with EmbeddedStack(workdir) as stack:
@@ -53,7 +55,7 @@ def bench_ingest(workdir: Path, n_events: int, seed: int, batch_size: int, timeo
         sent_messages, sent = produce(settings, messages)
         raw_rate, raw_items = raw_consume_rate(settings, sent_messages)
         worker_started = time.monotonic()
-        stack.start_worker()
+        stack.start_worker(metrics_enabled=metrics)
         first_at = first_total = None
         deadline = time.monotonic() + timeout
         while True:
@@ -75,6 +77,7 @@ def bench_ingest(workdir: Path, n_events: int, seed: int, batch_size: int, timeo
         "events": sent,
         "messages": sent_messages,
         "events_per_message": batch_size,
+        "metrics": metrics,
         "events_per_s": round(rate, 1),
         "raw_events_per_s": round(raw_rate, 1),
         "ratio_to_raw": round(rate / raw_rate, 3) if raw_rate else None,

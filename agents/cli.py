@@ -316,14 +316,15 @@ def bench() -> None:
 @click.option("--events", "n_events", type=click.IntRange(1), default=200_000, show_default=True)
 @click.option("--seed", type=int, default=11, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+@click.option("--metrics/--no-metrics", default=True, show_default=True, help="update Prometheus metrics per batch")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) -> None:
+def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, as_json: bool) -> None:
     """Validate + dedup + store throughput of one worker, and the raw consume+decode limit in the same run."""
     from dealpulse.agents.bench import bench_ingest
     from dealpulse.agents.embedded import temporary_workdir
 
     with temporary_workdir() as wd:
-        result = bench_ingest(wd, n_events, seed, batch_size)
+        result = bench_ingest(wd, n_events, seed, batch_size, metrics)
     if as_json:
         click.echo(orjson.dumps(result).decode())
     else:

@@ -67,4 +67,5 @@ class Settings(BaseSettings):
     # worker process
     data_dir: Path = Field(Path(".dealpulse/worker"), description="Faust data directory")
     metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics port; 0 picks a free one")
+    metrics_enabled: bool = Field(True, description="false skips per-batch metric updates (for benchmarks)")
     log_level: str = "warn"

@@ -62,7 +62,7 @@ class StoreUnavailable(RuntimeError):
 
 
 class BatchWriter:
-    """Writes batches; ``on_retry(table, attempt, error)`` lets the caller count retries and back off."""
+    """Writes batches; ``on_retry(table, attempt, error)`` and ``on_insert(table, rows, seconds)`` report progress."""
 
     def __init__(
         self,
@@ -70,11 +70,13 @@ class BatchWriter:
         retry: RetryPolicy,
         should_stop: Callable[[], bool] = lambda: False,
         on_retry: Callable[[str, int, Exception], None] | None = None,
+        on_insert: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.store = store
         self.retry = retry
         self.should_stop = should_stop
         self.on_retry = on_retry
+        self.on_insert = on_insert  # (table, rows, seconds) after each accepted insert
 
     def write(self, batch: Batch) -> None:
         for name, table, columns in _TABLES:
@@ -86,7 +88,10 @@ class BatchWriter:
         token = dedup_token(table, rows, columns)
         for attempt, delay in enumerate(self.retry.delays(), start=1):
             try:
+                started = time.perf_counter()
                 self.store.insert(table, rows, columns, dedup_token=token)
+                if self.on_insert:
+                    self.on_insert(table, len(rows), time.perf_counter() - started)
                 return
             except Exception as exc:  # any store/network error: retry, never skip
                 if self.on_retry:
