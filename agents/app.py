@@ -207,7 +207,8 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         service.forget(list(args[0]))  # reload from the store at the first message of each assigned partition
-        metrics.assigned_partitions.set(len(app.consumer.assignment()))
+        owned = [tp for tp in app.consumer.assignment() if tp.topic == settings.events_topic]
+        metrics.assigned_partitions.set(len(owned))
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

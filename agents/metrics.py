@@ -82,7 +82,7 @@ class IngestMetrics:
             "dealpulse_consumer_lag_messages", "messages behind the log end", ["topic", "partition"], registry=r
         )
         self.assigned_partitions = Gauge(
-            "dealpulse_assigned_partitions", "partitions this worker owns (0 until it joined its group)", registry=r
+            "dealpulse_assigned_partitions", "events-topic partitions this worker owns (0 until it joined)", registry=r
         )
 
     def serve(self, port: int) -> int:
