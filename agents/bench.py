@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from dealpulse.agents.stack import EmbeddedStack, produce
+from dealpulse.agents.stack import EmbeddedStack, WorkerProcess, produce, wait_worker_ready, worker_metric
 from dealpulse.pipelines.generator import generate_world, pack_messages
 from dealpulse.pipelines.settings import Settings
+from dealpulse.pipelines.store.client import Store
+from dealpulse.pipelines.store.writer import accounting
 
 
 def raw_consume_rate(settings: Settings, expected_messages: int, timeout: float = 300) -> tuple[float, int]:
@@ -87,3 +91,174 @@ def bench_ingest(
         "accounted": sum(counts.values()) == sent,
         "raw_items_checked": raw_items,
     }
+
+
+def _longest_stall(samples: list[tuple[float, int, int]], start: float, end: float) -> float:
+    """Longest stretch in [start, end] in which nothing new was accounted for although sent events were waiting.
+
+    ``samples`` are (monotonic time, items sent, items accounted for), in time order.
+    """
+    longest = 0.0
+    stalled_since: float | None = None
+    last_accounted = -1
+    for at, sent, accounted in samples:
+        if at < start or at > end:
+            continue
+        if accounted != last_accounted or sent <= accounted:
+            if stalled_since is not None:
+                longest = max(longest, at - stalled_since)
+            stalled_since = at if sent > accounted else None
+            last_accounted = accounted
+    return longest
+
+
+def _paced(messages: list[tuple[str, bytes, int]], events_per_s: float) -> Iterator[tuple[str, bytes, int]]:
+    started = time.monotonic()
+    sent = 0
+    for message in messages:
+        delay = started + sent / events_per_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        sent += message[2]
+        yield message
+
+
+def rebalance_scenario(
+    settings: Settings,
+    store: Store,
+    start_worker: Callable[[], WorkerProcess],
+    messages: list[tuple[str, bytes, int]],
+    events_per_s: float,
+    timeout: float = 600,
+) -> dict[str, Any]:
+    """A steady stream; worker B joins the group of worker A mid-stream, then A leaves mid-stream.
+
+    Returns the timings and the final accounting; the caller checks exactness (nothing lost or doubled).
+    """
+    total = sum(items for _, _, items in messages)
+    sent_so_far = [0]
+    samples: list[tuple[float, int, int]] = []
+    finished = threading.Event()
+    failures: list[BaseException] = []
+
+    def producing() -> None:
+        try:
+            produce(settings, _paced(messages, events_per_s), on_progress=lambda n: sent_so_far.__setitem__(0, n))
+            sent_so_far[0] = total
+        except BaseException as error:  # surfaced in the main thread
+            failures.append(error)
+
+    def sampling() -> None:
+        while not finished.is_set():
+            samples.append((time.monotonic(), sent_so_far[0], sum(accounting(store).values())))
+            time.sleep(0.05)
+
+    def wait_for(condition: Callable[[], bool], what: str) -> float:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if failures:
+                raise failures[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def owned(worker: WorkerProcess) -> float:
+        return worker_metric(worker, "dealpulse_assigned_partitions") or 0
+
+    first = start_worker()
+    wait_worker_ready(first)
+    producer = threading.Thread(target=producing, name="paced-producer", daemon=True)
+    sampler = threading.Thread(target=sampling, name="progress-sampler", daemon=True)
+    producer.start()
+    sampler.start()
+    try:
+        wait_for(lambda: bool(samples) and samples[-1][2] >= total * 0.1, "the first worker to make progress")
+        join_started = time.monotonic()
+        second = start_worker()
+        join_done = wait_for(
+            lambda: owned(second) > 0 and owned(first) + owned(second) == settings.topic_partitions,
+            "both workers to own partitions",
+        )
+        time.sleep(2.0)  # both working for a while
+        leave_started = time.monotonic()
+        sent_at_leave = sent_so_far[0]
+        first.process.terminate()  # graceful: Faust commits and leaves the group
+        leave_done = wait_for(lambda: owned(second) == settings.topic_partitions, "the second worker to own all")
+        first.process.wait(60)
+        producer.join(timeout)
+        wait_for(lambda: sum(accounting(store).values()) >= total, "every event to be accounted for")
+    finally:
+        finished.set()
+        sampler.join()
+    if failures:
+        raise failures[0]
+    after = 3.0  # a pause shows as a gap in progress shortly after the group settled
+    return {
+        "events": total,
+        "events_per_s_offered": events_per_s,
+        "join_s": round(join_done - join_started, 2),
+        "join_longest_stall_s": round(_longest_stall(samples, join_started, join_done + after), 2),
+        "leave_s": round(leave_done - leave_started, 2),
+        "leave_longest_stall_s": round(_longest_stall(samples, leave_started, leave_done + after), 2),
+        "stream_flowing_at_leave": sent_at_leave < total,
+        **accounting(store),
+    }
+
+
+def bench_scale(
+    workdir: Path,
+    n_events: int,
+    seed: int,
+    batch_size: int,
+    partitions: int = 4,
+    rebalance_events: int = 90_000,
+    rebalance_rate: float = 3_000,
+    timeout: float = 900,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Throughput of 1 vs 2 workers on the same stream, and join/leave rebalance times under a steady stream."""
+    say = on_step or (lambda _text: None)
+    messages = list(pack_messages(generate_world(seed, n_events).records(), batch_size))
+    result: dict[str, Any] = {"bench": "scale", "events": sum(m[2] for m in messages), "partitions": partitions}
+    for n_workers in (1, 2):
+        say(f"throughput with {n_workers} worker(s)")
+        with EmbeddedStack(workdir / f"workers-{n_workers}", topic_partitions=partitions) as stack:
+            workers = [stack.start_worker() for _ in range(n_workers)]
+            for worker in workers:
+                stack.wait_worker_ready(worker)
+            deadline = time.monotonic() + 120
+            while sum(worker_metric(w, "dealpulse_assigned_partitions") or 0 for w in workers) != partitions:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the workers did not settle on an assignment")
+                time.sleep(0.1)
+            _, sent = produce(stack.settings, messages)
+            first_at: float | None = None
+            deadline = time.monotonic() + timeout
+            while (total := sum(stack.accounting().values())) < sent:
+                if total and first_at is None:
+                    first_at, first_total = time.monotonic(), total
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{total} of {sent} accounted for after {timeout}s")
+                time.sleep(0.05)
+            assert first_at is not None
+            rate = (sent - first_total) / (time.monotonic() - first_at)
+            result[f"events_per_s_{n_workers}_worker{'s' if n_workers > 1 else ''}"] = round(rate, 1)
+            result[f"accounted_{n_workers}"] = sum(stack.accounting().values()) == sent
+    result["speedup_2_vs_1"] = round(result["events_per_s_2_workers"] / result["events_per_s_1_worker"], 2)
+
+    say("rebalance: a worker joins, then one leaves, under a steady stream")
+    world = generate_world(seed + 1, rebalance_events)
+    valid = len({orjson.loads(r.value)["event_id"] for r in world.records() if r.kind == "valid"})
+    with EmbeddedStack(workdir / "rebalance", topic_partitions=partitions) as stack:
+        scenario = rebalance_scenario(
+            stack.settings,
+            stack.store,
+            stack.start_worker,
+            list(pack_messages(world.records(), batch_size)),
+            rebalance_rate,
+            timeout,
+        )
+        unique = stack.store.query_rows("SELECT uniqExact(event_id) FROM events")[0][0]
+    result["rebalance"] = {**scenario, "valid_events_sent": valid, "unique_events_stored": unique}
+    return result

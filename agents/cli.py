@@ -332,5 +332,29 @@ def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, a
             click.echo(f"{key:>20}  {value}")
 
 
+@bench.command("scale")
+@click.option("--events", "n_events", type=click.IntRange(1), default=300_000, show_default=True)
+@click.option("--seed", type=int, default=11, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+@click.option("--partitions", type=click.IntRange(2), default=4, show_default=True)
+@click.option("--rebalance-events", type=click.IntRange(1000), default=90_000, show_default=True)
+@click.option("--rebalance-rate", type=float, default=3_000, show_default=True, help="events/s offered meanwhile")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_scale_cmd(n_events: int, seed: int, batch_size: int, partitions: int, rebalance_events: int,
+                    rebalance_rate: float, as_json: bool) -> None:  # fmt: skip
+    """1 vs 2 workers on the same stream; join/leave rebalance times with nothing lost or doubled."""
+    from dealpulse.agents.bench import bench_scale
+    from dealpulse.agents.embedded import temporary_workdir
+
+    with temporary_workdir() as wd:
+        result = bench_scale(wd, n_events, seed, batch_size, partitions, rebalance_events, rebalance_rate,
+                             on_step=lambda text: click.echo(f"… {text}", err=True))  # fmt: skip
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:>24}  {value}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

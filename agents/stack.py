@@ -57,22 +57,28 @@ def start_worker_process(settings: Settings, workdir: Path, index: int = 0) -> W
     return WorkerProcess(proc.name, proc.process, proc.log_path, port)
 
 
-def wait_worker_ready(worker: WorkerProcess, timeout: float = 120) -> None:
-    """Wait until the worker has joined its group and owns partitions (read from its /metrics)."""
+def worker_metric(worker: WorkerProcess, name: str) -> float | None:
+    """The value of an unlabelled sample on the worker's /metrics, or None if it cannot be read (yet)."""
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def wait_worker_ready(worker: WorkerProcess, timeout: float = 120) -> None:
+    """Wait until the worker has joined its group and owns partitions (read from its /metrics)."""
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
     while time.monotonic() < deadline:
         if not worker.alive():
             raise RuntimeError(f"{worker.name} exited ({worker.process.returncode}):\n{worker.log_tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                for line in response.read().decode().splitlines():
-                    if line.startswith("dealpulse_assigned_partitions ") and float(line.split()[1]) > 0:
-                        return
-        except OSError:
-            pass
+        if (worker_metric(worker, "dealpulse_assigned_partitions") or 0) > 0:
+            return
         time.sleep(0.2)
     raise TimeoutError(f"{worker.name} did not join its group in {timeout:.0f}s:\n{worker.log_tail()}")
 

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from dealpulse.agents.bench import rebalance_scenario
 from dealpulse.agents.dlq import replay_dead_letters
 from dealpulse.agents.stack import WorkerProcess, produce
 from dealpulse.pipelines.generator import generate_world, pack_messages
@@ -125,4 +126,21 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     assert counts == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
     assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids), len(valid_ids))]
     assert {row[0] for row in store.query_rows("SELECT event_id FROM events")} == valid_ids
+    assert store.query_rows("SELECT count(), uniqExact(dlq_id) FROM dlq") == [(malformed, malformed)]
+
+
+def test_a_worker_joining_and_one_leaving_mid_stream_loses_and_doubles_nothing(
+    settings: Settings, store: Store, start_worker: StartWorker
+) -> None:
+    """Scale out then in under a steady stream: every valid event stored exactly once, every bad one dead-lettered."""
+    n_events = 90_000
+    _, valid_ids, malformed, duplicates = expected_outcome(seed=44, n_events=n_events)
+    messages = list(pack_messages(generate_world(44, n_events).records(), 50))
+    result = rebalance_scenario(
+        settings, store, lambda: start_worker(settings, wait=False), messages, events_per_s=2_500
+    )
+    assert result["stream_flowing_at_leave"], "the leave must happen while events still arrive"
+    time.sleep(1.5)  # anything written twice would show up now
+    assert accounting(store) == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
+    assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids), len(valid_ids))]
     assert store.query_rows("SELECT count(), uniqExact(dlq_id) FROM dlq") == [(malformed, malformed)]
