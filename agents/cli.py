@@ -65,12 +65,12 @@ def store_serve(path: Path, host: str, port: int, ready_file: Path | None) -> No
 @main.command()
 def migrate() -> None:
     """Apply the store's migrations (idempotent)."""
+    from dealpulse.pipelines.analytics import prepare_store
     from dealpulse.pipelines.store.client import connect
-    from dealpulse.pipelines.store.migrations import migrate_up
 
     settings = Settings()
     store_ = connect(settings)
-    applied = migrate_up(store_, settings.clickhouse_database)
+    applied = prepare_store(store_, settings)
     for migration in applied:
         click.echo(f"applied {migration.version:04d}_{migration.name}")
     if not applied:

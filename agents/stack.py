@@ -20,9 +20,9 @@ from dealpulse.agents.embedded import (
     start_store,
 )
 from dealpulse.agents.kafka_admin import ensure_topics
+from dealpulse.pipelines.analytics import prepare_store
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store, connect
-from dealpulse.pipelines.store.migrations import migrate_up
 from dealpulse.pipelines.store.writer import accounting
 
 
@@ -30,10 +30,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The DEALPULSE_* variables that recreate ``settings`` in a child process."""
     env = {}
     for name, value in settings.model_dump(exclude_none=True).items():
-        if isinstance(value, tuple | list):
+        if isinstance(value, tuple | list | dict):
             import orjson
 
-            text = orjson.dumps(list(value)).decode()
+            text = orjson.dumps(list(value) if isinstance(value, tuple) else value).decode()
         else:
             text = str(value)
         env[f"DEALPULSE_{name.upper()}"] = text
@@ -111,7 +111,7 @@ class EmbeddedStack:
                     **self.overrides,
                 }
             )
-            migrate_up(self.store, self.settings.clickhouse_database)
+            prepare_store(self.store, self.settings)
             ensure_topics(self.settings)
         except BaseException:
             self.stop()

@@ -258,14 +258,25 @@ def _lead_journey(builder: _Builder, rng: random.Random, truth: Truth, account: 
         "stall_stage": STAGE_PATH[stall_stage] if stalls else None,
         "converts": converts,
     }
+    # real CRMs are messy: some deals skip a stage, some fall back one stage and come forward again
+    skip = rng.randint(1, reach - 1) if reach >= 3 and rng.random() < 0.08 else -1
+    if skip == stall_stage:
+        skip = -1
+    revisit = rng.randint(2, reach) if reach >= 3 and rng.random() < 0.06 else -1
+    path = [i for i in range(reach + 1) if i != skip]
+    if revisit > 0 and revisit in path:
+        at = path.index(revisit)
+        path[at + 1 : at + 1] = [revisit - 1, revisit]
     previous = None
-    for index in range(reach + 1):
+    stalled_once = False
+    for index in path:
         stage = STAGE_PATH[index]
         when = builder.working_time(day, tz)
         builder.add(when, tz, "stage_change", account, {"from_stage": previous, "to_stage": stage} if previous
                     else {"to_stage": stage}, lead, opportunity, "crm")  # fmt: skip
         previous = stage
-        stalled_here = index == stall_stage
+        stalled_here = index == stall_stage and not stalled_once
+        stalled_once = stalled_once or stalled_here
         dwell_days = rng.expovariate(1 / (2 + 4 * (1 - intent))) + 1
         if stalled_here:
             dwell_days += rng.uniform(12, 25)

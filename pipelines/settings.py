@@ -24,6 +24,16 @@ DEFAULT_STAGES = (
     "lost",
 )
 
+DEFAULT_STALL_DAYS = {
+    "lead": 5.0,
+    "outreach": 7.0,
+    "diagnosis": 10.0,
+    "presentation": 10.0,
+    "objection": 10.0,
+    "negotiation": 14.0,
+    "contract_review": 7.0,
+}
+
 
 class Settings(BaseSettings):
     """Everything a worker, the CLI and the tests need; frozen so it can be passed around safely."""
@@ -57,6 +67,19 @@ class Settings(BaseSettings):
     )
     keywords_file: Path | None = Field(None, description="YAML keyword dictionary; built-in default if unset")
     stages: tuple[str, ...] = DEFAULT_STAGES
+
+    # analytics (written to the store's stage_config / health_targets tables by `dealpulse migrate`)
+    won_stage: str = "won"
+    lost_stage: str = "lost"
+    stage_stall_days: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_STALL_DAYS),
+        description="days in a stage after which a visit is blocking / an open deal is stalled (JSON object)",
+    )
+    stage_required_activity: str = Field("activity_note", description="event type a stage visit needs")
+    funnel_window_days: int = Field(30, ge=1, description="conversion window of the funnel")
+    mql_stage: str = "outreach"
+    sql_stage: str = "diagnosis"
+    nurtured_stage: str = Field("presentation", description="lead nurturing counts leads reaching this stage")
 
     # sink
     batch_max_messages: int = Field(500, ge=1, description="flush after this many Kafka messages ...")

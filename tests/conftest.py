@@ -12,9 +12,9 @@ import pytest
 from dealpulse.agents.embedded import StoreCredentials, start_broker, start_store
 from dealpulse.agents.kafka_admin import ensure_topics
 from dealpulse.agents.stack import WorkerProcess, start_worker_process, wait_worker_ready
+from dealpulse.pipelines.analytics import prepare_store
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store, connect
-from dealpulse.pipelines.store.migrations import migrate_up
 from dealpulse.pipelines.store.writer import accounting
 
 
@@ -54,7 +54,7 @@ def settings(services: dict[str, object], tmp_path: Path) -> Settings:
         topic_partitions=2,
     )
     store = connect(result)
-    migrate_up(store, result.clickhouse_database)
+    prepare_store(store, result)
     store.close()
     ensure_topics(result)
     return result

@@ -27,6 +27,13 @@ class Store:
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in self.client.query(sql, parameters=parameters).result_rows]
 
+    def query_table(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Column names and rows of a query."""
+        result = self.client.query(sql, parameters=parameters)
+        return list(result.column_names), [tuple(row) for row in result.result_rows]
+
     def insert(
         self,
         table: str,
