@@ -35,9 +35,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
     broker.stop()
 
 
-@pytest.fixture
-def settings(services: dict[str, object], tmp_path: Path) -> Settings:
-    """Settings with a fresh database, topics and consumer group for this test, migrated and created."""
+def make_settings(services: dict[str, object], workdir: Path) -> Settings:
+    """Settings with a fresh database, topics and consumer group, migrated and created."""
     suffix = uuid.uuid4().hex[:10]
     credentials = services["credentials"]
     assert isinstance(credentials, StoreCredentials)
@@ -50,7 +49,7 @@ def settings(services: dict[str, object], tmp_path: Path) -> Settings:
         clickhouse_user=credentials.writer,
         clickhouse_password=credentials.writer_password,
         clickhouse_database=f"test_{suffix}",
-        data_dir=tmp_path / "worker",
+        data_dir=workdir / "worker",
         topic_partitions=2,
     )
     store = connect(result)
@@ -58,6 +57,12 @@ def settings(services: dict[str, object], tmp_path: Path) -> Settings:
     store.close()
     ensure_topics(result)
     return result
+
+
+@pytest.fixture
+def settings(services: dict[str, object], tmp_path: Path) -> Settings:
+    """Settings with a fresh database, topics and consumer group for this test."""
+    return make_settings(services, tmp_path)
 
 
 @pytest.fixture
