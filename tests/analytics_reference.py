@@ -179,7 +179,7 @@ class Reference:
                 if v["opportunity_id"] in last
                 else None,
                 "owner": self.dims.get(v["opportunity_id"], {}).get("owner", ""),
-            }  # fmt: skip
+            }
             for v in self.visits(as_of_ms)
             if v["is_current"] and v["over_threshold"]
         }
