@@ -19,10 +19,13 @@ install: $(STAMP)
 
 # Prometheus (promtool + server) checks the shipped alert rules and scrapes a worker in the tests.
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	@missing=""; \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null); \
-	  else echo "need prometheus and promtool on PATH (Debian/Ubuntu: sudo apt-get install prometheus)"; exit 1; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null); \
+	  else echo "need$$missing on PATH (Debian/Ubuntu: sudo apt-get install$$missing)"; exit 1; fi; fi
 
 demo: $(STAMP)
 	$(BIN)/dealpulse demo --events $(EVENTS) --seed $(SEED)

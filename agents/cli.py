@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 import orjson
 
+from dealpulse.pipelines.analytics import DIMENSIONS, REPORTS
 from dealpulse.pipelines.settings import Settings
 
 
@@ -305,6 +307,91 @@ def dlq_replay(reason: str | None, limit: int, dry_run: bool, as_json: bool) -> 
     else:
         click.echo(f"re-submitted {report.resubmitted}, already stored {report.already_stored}, "
                    f"still invalid {report.still_invalid} {report.reasons_left or ''}".rstrip())  # fmt: skip
+
+
+def _parse_moment(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a date or time (e.g. 2026-09-01 or 2026-09-01T12:00:00+02:00)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["funnel", "dwell", "stalls", "health"]))
+@click.option("--by", type=click.Choice(list(DIMENSIONS)), help="break down by a dimension (funnel, dwell)")
+@click.option("--since", help="only stage entries at or after this date/time (UTC unless an offset is given)")
+@click.option("--until", help="look from this moment: later events are ignored, entries before it count")
+@click.option("--window-days", type=click.IntRange(1), help="funnel conversion window [default: settings, 30]")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="also write one self-contained HTML page with every report and its charts")  # fmt: skip
+def report(name: str, by: str | None, since: str | None, until: str | None, window_days: int | None, fmt: str,
+           html_path: Path | None) -> None:  # fmt: skip
+    """Funnel, stage dwell, stalled opportunities or sales health, from the store's BI views.
+
+    \b
+    Examples:
+      dealpulse report funnel --by region
+      dealpulse report health --since 2026-07-01 --until 2026-10-01 --format json
+      dealpulse report stalls --html sales.html
+    """
+    from dealpulse.pipelines.analytics import run_report
+    from dealpulse.pipelines.report_render import render_csv, render_html, render_json, render_table
+    from dealpulse.pipelines.store.client import connect
+
+    settings = Settings()
+    options: dict[str, Any] = {"since": _parse_moment(since), "until": _parse_moment(until),
+                               "window_days": window_days or settings.funnel_window_days}  # fmt: skip
+    if by and name in ("stalls", "health"):
+        raise click.UsageError(f"--by works with funnel and dwell; the {name} report has no breakdown")
+    try:
+        store_ = connect(settings)
+    except Exception as error:
+        raise click.ClickException(f"cannot reach the store at {settings.clickhouse_host}:{settings.clickhouse_port}: "
+                                   f"{error}") from error  # fmt: skip
+    result = run_report(store_, name, by=by, **options)
+    render = {"table": render_table, "json": render_json, "csv": render_csv}[fmt]
+    click.echo(render(result))
+    if html_path:
+        reports = {r: result if r == name else run_report(store_, r, **options) for r in REPORTS}
+        span = f"{since or 'the beginning'} to {until or 'the newest event'}"
+        subtitle = f"database {settings.clickhouse_database} · {span} · funnel window {options['window_days']} days"
+        html_path.write_text(render_html(reports, "dealpulse sales report", subtitle), encoding="utf-8")
+        click.echo(f"wrote {html_path}", err=True)
+    store_.close()
+
+
+@main.group()
+def dims() -> None:
+    """Dimension tables (accounts, opportunities) for breakdowns."""
+
+
+@dims.command("load")
+@click.argument("kind", type=click.Choice(["accounts", "opportunities"]))
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def dims_load(kind: str, path: Path) -> None:
+    """Load a CSV with a header (account_id or opportunity_id first) into the dimension tables.
+
+    Empty cells leave the attribute as it was; the newest non-empty value of each attribute wins.
+    """
+    from dealpulse.pipelines.config_errors import ConfigError
+    from dealpulse.pipelines.dims import TABLES, dimension_rows, parse_dimension_csv
+    from dealpulse.pipelines.store.client import connect
+
+    try:
+        parsed = parse_dimension_csv(path.read_text(encoding="utf-8"), kind, str(path))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+    rows, columns = dimension_rows(parsed, kind, datetime.now(UTC))
+    store_ = connect(Settings())
+    store_.insert(TABLES[kind], rows, columns)
+    store_.close()
+    click.echo(f"loaded {len(rows)} {kind} from {path}")
 
 
 @main.group()
