@@ -262,3 +262,97 @@ def bench_scale(
         unique = stack.store.query_rows("SELECT uniqExact(event_id) FROM events")[0][0]
     result["rebalance"] = {**scenario, "valid_events_sent": valid, "unique_events_stored": unique}
     return result
+
+
+QUERY_BENCH = {
+    "funnel": "SELECT * FROM funnel",
+    "funnel_by_region": None,  # the CLI's queries, filled in below
+    "funnel_as_of_window_14d": None,
+    "stage_dwell": "SELECT * FROM stage_dwell",
+    "dwell_by_product_line": None,
+    "stalled_opportunities": "SELECT * FROM stalled_opportunities",
+    "sales_health": "SELECT * FROM sales_health",
+    "customer_health_warnings": "SELECT count() FROM customer_health WHERE status = 'warn'",
+}
+
+
+def bench_query(
+    workdir: Path,
+    n_events: int,
+    seed: int,
+    chunk_events: int = 500_000,
+    repeats: int = 3,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Load ``n_events`` generated events, then time every BI view / report query on the embedded store.
+
+    One world of ``chunk_events`` goes through the ingest core (validation, dedup, writer); the rest are copies of
+    it with fresh ids made by ``INSERT … SELECT`` inside the store, so the materialized views see every insert.
+    """
+    from datetime import UTC, datetime
+
+    from dealpulse.agents.loader import load_direct
+    from dealpulse.pipelines.analytics import report_query
+
+    say = on_step or (lambda _text: None)
+    result: dict[str, Any] = {"bench": "query"}
+    with EmbeddedStack(workdir) as stack:
+        store = stack.store
+        say(f"generating and ingesting {min(chunk_events, n_events):,} events")
+        world = generate_world(seed, min(chunk_events, n_events))
+        started = time.perf_counter()
+        load_direct(store, stack.settings, pack_messages(world.records(), 100), messages_per_batch=2000)
+        ingest_s = time.perf_counter() - started
+        base = store.query_rows("SELECT count() FROM events")[0][0]
+        result["ingest_core_events_per_s"] = round(base / ingest_s, 1)
+        copies = max(0, -(-n_events // base) - 1)
+        columns = ", ".join(EVENT_COPY_COLUMNS)
+        started = time.perf_counter()
+        for copy in range(1, copies + 1):
+            say(f"copy {copy}/{copies}")
+            store.command(f"INSERT INTO events SELECT {columns.format(prefix=f'c{copy}-')} FROM events "
+                          f"WHERE src_topic = 'direct-load'")  # fmt: skip
+        copy_s = time.perf_counter() - started
+        total = store.query_rows("SELECT count() FROM events")[0][0]
+        result["events"] = total
+        result["copy_events_per_s"] = round((total - base) / copy_s, 1) if copies else None
+        result["stage_events"] = store.query_rows("SELECT count() FROM stage_events")[0][0]
+        queries = dict(QUERY_BENCH)
+        queries["funnel_by_region"] = report_query("funnel", by="region")
+        queries["funnel_as_of_window_14d"] = report_query(
+            "funnel", since=datetime(2026, 7, 1, tzinfo=UTC), until=datetime(2026, 9, 1, tzinfo=UTC), window_days=14
+        )
+        queries["dwell_by_product_line"] = report_query("dwell", by="product_line")
+        timings: dict[str, dict[str, float]] = {}
+        for name, query in queries.items():
+            say(f"query {name}")
+            sql, params = query if isinstance(query, tuple) else (query, None)
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                store.query_rows(sql, params)
+                seconds.append(time.perf_counter() - started)
+            timings[name] = {"median_s": round(sorted(seconds)[len(seconds) // 2], 3), "max_s": round(max(seconds), 3)}
+        result["queries"] = timings
+        result["slowest_s"] = max(t["max_s"] for t in timings.values())
+    return result
+
+
+# a copy of an event with fresh ids (its own account, lead, opportunity and event id) and a distinct source topic
+EVENT_COPY_COLUMNS = (
+    "concat('{prefix}', event_id)",
+    "type",
+    "ts",
+    "tz_offset_min",
+    "concat('{prefix}', account_id)",
+    "if(lead_id = '', '', concat('{prefix}', lead_id))",
+    "if(opportunity_id = '', '', concat('{prefix}', opportunity_id))",
+    "source",
+    "props",
+    "keywords",
+    "'bench-copy'",
+    "src_partition",
+    "src_offset",
+    "src_index",
+    "ingested_at",
+)

@@ -443,5 +443,25 @@ def bench_scale_cmd(n_events: int, seed: int, batch_size: int, partitions: int, 
             click.echo(f"{key:>24}  {value}")
 
 
+@bench.command("query")
+@click.option("--events", "n_events", type=click.IntRange(1), default=10_000_000, show_default=True)
+@click.option("--seed", type=int, default=11, show_default=True)
+@click.option("--chunk", "chunk_events", type=click.IntRange(1000), default=500_000, show_default=True,
+              help="events generated and ingested; the rest are copies with fresh ids")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_query_cmd(n_events: int, seed: int, chunk_events: int, as_json: bool) -> None:
+    """Load N generated events into the embedded store, then time each BI view / report query."""
+    from dealpulse.agents.bench import bench_query
+    from dealpulse.agents.embedded import temporary_workdir
+
+    with temporary_workdir() as wd:
+        result = bench_query(wd, n_events, seed, chunk_events, on_step=lambda text: click.echo(f"… {text}", err=True))
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:>24}  {value}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

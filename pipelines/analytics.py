@@ -49,7 +49,7 @@ def health_targets(settings: Settings) -> list[HealthTarget]:
         HealthTarget("mql_to_sql", 0.35, "min", settings.mql_stage, settings.sql_stage,
                      f"opportunities entering {settings.mql_stage} that reach {settings.sql_stage} or later"),
         HealthTarget("opportunity_compliance", 0.8, "min", "", "",
-                     f"completed stage visits with a {settings.stage_required_activity}"),
+                     f"completed stage visits with the required activity ({settings.stage_required_activity})"),
     ]  # fmt: skip
 
 

@@ -81,7 +81,7 @@ th,td{padding:.3rem .5rem;border-bottom:1px solid #e4e7eb;text-align:left}td.num
 font-variant-numeric:tabular-nums}th{background:#f5f7fa}.ok{color:#127a3a;font-weight:600}
 .warn{color:#b42318;font-weight:600}.no_data{color:#7b8794}svg text{font-size:12px;fill:#1f2933}
 .legend span{display:inline-block;margin-right:1rem;font-size:.85rem}.sw{width:.8rem;height:.8rem;
-display:inline-block;margin-right:.3rem;vertical-align:middle}
+display:inline-block;margin-right:.3rem;vertical-align:middle}.scroll{overflow-x:auto}
 """
 
 
@@ -98,7 +98,7 @@ def _html_table(report: Report, status_column: str | None = None) -> str:
         body.append("<tr>" + "".join(cells) + "</tr>")
     if not body:
         body.append(f'<tr><td colspan="{len(report.columns)}">nothing to show</td></tr>')
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _funnel_svg(report: Report) -> str:
@@ -106,11 +106,11 @@ def _funnel_svg(report: Report) -> str:
     if not records:
         return ""
     top = max(r["entered"] for r in records) or 1
-    bar_h, gap, label_w, width = 26, 8, 130, 760
+    bar_h, gap, label_w, width = 26, 8, 130, 1000
     rows = []
     for i, r in enumerate(records):
         y = i * (bar_h + gap)
-        scale = (width - label_w - 150) / top
+        scale = (width - label_w - 300) / top
         entered_w, converted_w = r["entered"] * scale, r["converted"] * scale
         rows.append(
             f'<text x="0" y="{y + 17}">{html.escape(r["stage"])}</text>'
@@ -132,8 +132,8 @@ def _dwell_svg(report: Report) -> str:
     if not records:
         return ""
     top = max(max(r["p90_dwell_days"], r["stall_threshold_days"]) for r in records) or 1
-    bar_h, gap, label_w, width = 26, 8, 130, 760
-    scale = (width - label_w - 170) / top
+    bar_h, gap, label_w, width = 26, 8, 130, 1000
+    scale = (width - label_w - 340) / top
     rows = []
     for i, r in enumerate(records):
         y = i * (bar_h + gap)
