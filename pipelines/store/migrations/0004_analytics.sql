@@ -28,6 +28,19 @@ CREATE TABLE IF NOT EXISTS {db}.health_targets
 ENGINE = MergeTree
 ORDER BY metric;
 
+-- The newest event time stored: "now" for every view (one row per insert block, merged away; read instantly).
+CREATE TABLE IF NOT EXISTS {db}.event_watermark
+(
+    max_ts SimpleAggregateFunction(max, DateTime64(3, 'UTC'))
+)
+ENGINE = AggregatingMergeTree
+ORDER BY tuple();
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.event_watermark_mv TO {db}.event_watermark AS
+SELECT max(ts) AS max_ts FROM {db}.events;
+
+INSERT INTO {db}.event_watermark SELECT max(ts) FROM {db}.events HAVING count() > 0;
+
 -- Every stage change, keyed by opportunity (the funnel and dwell views read only this).
 CREATE TABLE IF NOT EXISTS {db}.stage_events
 (
@@ -182,7 +195,7 @@ LEFT JOIN
 
 -- First entry per (opportunity, stage), with the opportunity's whole path up to as_of: (ts, position, kind).
 CREATE VIEW IF NOT EXISTS {db}.stage_entries_at AS
-WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(ts) FROM {db}.events)) AS cutoff
+WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(max_ts) FROM {db}.event_watermark)) AS cutoff
 SELECT opportunity_id, stage, position, kind, entered_at, path
 FROM
 (
@@ -205,7 +218,7 @@ INNER JOIN
 -- Funnel facts: one row per (opportunity, open stage) it entered, from its first entry. Converted = reached a
 -- later stage (won included) within the window; dropped = lost, or the window passed; open = neither yet.
 CREATE VIEW IF NOT EXISTS {db}.funnel_steps_at AS
-WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(ts) FROM {db}.events)) AS cutoff
+WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(max_ts) FROM {db}.event_watermark)) AS cutoff
 SELECT f.opportunity_id AS opportunity_id, f.stage AS stage, f.position AS position, f.entered_at AS entered_at,
        toDate(f.entered_at) AS cohort_day, toMonday(f.entered_at) AS cohort_week,
        toStartOfMonth(f.entered_at) AS cohort_month,
@@ -245,15 +258,13 @@ GROUP BY stage, position
 ORDER BY position;
 
 -- Stage visits: every entry into an open stage until the next stage change (or until now, if current).
-CREATE VIEW IF NOT EXISTS {db}.stage_visits_at AS
-WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(ts) FROM {db}.events)) AS cutoff
+CREATE VIEW IF NOT EXISTS {db}.stage_visit_facts_at AS
+WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(max_ts) FROM {db}.event_watermark)) AS cutoff
 SELECT v.opportunity_id AS opportunity_id, v.stage AS stage, v.position AS position, v.entered_at AS entered_at,
        v.left_at AS left_at, v.next_stage AS next_stage, v.left_at IS NULL AS is_current,
        dateDiff('millisecond', v.entered_at, coalesce(v.left_at, cutoff)) / 86400000 AS dwell_days,
        v.threshold_days AS threshold_days, dwell_days > v.threshold_days AS over_threshold,
-       arrayExists(t -> t >= v.entered_at AND t < coalesce(v.left_at, cutoff), n.times) AS compliant,
-       d.account_id AS account_id, d.lead_id AS lead_id, d.region AS region, d.industry AS industry,
-       d.product_line AS product_line, d.owner AS owner, d.team AS team
+       arrayExists(t -> t >= v.entered_at AND t < coalesce(v.left_at, cutoff), n.times) AS compliant
 FROM
 (
     SELECT w.opportunity_id AS opportunity_id, w.stage AS stage, c.position AS position, w.entered_at AS entered_at,
@@ -276,8 +287,14 @@ LEFT JOIN
     FROM {db}.opportunity_activity
     WHERE ts <= cutoff AND type IN (SELECT required_activity FROM {db}.stage_config)
     GROUP BY opportunity_id, type
-) AS n ON n.opportunity_id = v.opportunity_id AND n.type = v.required_activity
-LEFT JOIN {db}.dim_opportunities AS d ON d.opportunity_id = v.opportunity_id;
+) AS n ON n.opportunity_id = v.opportunity_id AND n.type = v.required_activity;
+
+-- The same with the opportunity's dimensions (health metrics read the facts above: no join needed there).
+CREATE VIEW IF NOT EXISTS {db}.stage_visits_at AS
+SELECT f.*, d.account_id AS account_id, d.lead_id AS lead_id, d.region AS region, d.industry AS industry,
+       d.product_line AS product_line, d.owner AS owner, d.team AS team
+FROM {db}.stage_visit_facts_at(as_of = {as_of:DateTime64(3, 'UTC')}) AS f
+LEFT JOIN {db}.dim_opportunities AS d ON d.opportunity_id = f.opportunity_id;
 
 CREATE VIEW IF NOT EXISTS {db}.stage_visits AS
 SELECT * FROM {db}.stage_visits_at(as_of = '2100-01-01 00:00:00');
@@ -295,7 +312,7 @@ ORDER BY position;
 
 -- Opportunities sitting in an open stage longer than its threshold, as of the newest event.
 CREATE VIEW IF NOT EXISTS {db}.stalled_opportunities_at AS
-WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(ts) FROM {db}.events)) AS cutoff
+WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(max_ts) FROM {db}.event_watermark)) AS cutoff
 SELECT s.opportunity_id AS opportunity_id, s.stage AS stage, s.entered_at AS entered_at,
        round(s.dwell_days, 3) AS days_in_stage, s.threshold_days AS threshold_days,
        round(s.dwell_days - s.threshold_days, 3) AS days_stalled,
@@ -320,7 +337,7 @@ SELECT * FROM {db}.stalled_opportunities_at(as_of = '2100-01-01 00:00:00');
 -- Customer health per account: usage (feature_use events) and support tickets opened in the last three complete
 -- weeks (Monday-based, UTC); warn after two weeks running of falling usage or rising tickets.
 CREATE VIEW IF NOT EXISTS {db}.customer_health_at AS
-WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(ts) FROM {db}.events)) AS cutoff,
+WITH least({as_of:DateTime64(3, 'UTC')}, (SELECT max(max_ts) FROM {db}.event_watermark)) AS cutoff,
      toMonday(cutoff) AS this_week
 SELECT account_id,
        sumIf(events, type = 'feature_use' AND day >= this_week - 7) AS usage_week_1,
@@ -367,7 +384,7 @@ FROM
     UNION ALL
     -- compliance: completed visits entered in the period that had the stage's required activity
     SELECT 'opportunity_compliance', toFloat64(countIf(compliant)), toFloat64(count())
-    FROM {db}.stage_visits_at(as_of = {until:DateTime64(3, 'UTC')})
+    FROM {db}.stage_visit_facts_at(as_of = {until:DateTime64(3, 'UTC')})
     WHERE NOT is_current AND entered_at >= {since:DateTime64(3, 'UTC')} AND entered_at < {until:DateTime64(3, 'UTC')}
     UNION ALL
     -- deal cycle: days from the first stage entry to won, for deals won in the period
@@ -379,7 +396,7 @@ FROM
                minIf(e.ts, c.kind = 'won') AS won_at
         FROM {db}.stage_events AS e
         INNER JOIN {db}.stage_config AS c ON c.stage = e.to_stage
-        WHERE e.ts <= least({until:DateTime64(3, 'UTC')}, (SELECT max(ts) FROM {db}.events))
+        WHERE e.ts <= least({until:DateTime64(3, 'UTC')}, (SELECT max(max_ts) FROM {db}.event_watermark))
         GROUP BY opportunity_id
         HAVING countIf(c.kind = 'won') > 0
     )
@@ -405,6 +422,7 @@ DROP VIEW IF EXISTS {db}.stalled_opportunities_at;
 DROP VIEW IF EXISTS {db}.stage_dwell;
 DROP VIEW IF EXISTS {db}.stage_visits;
 DROP VIEW IF EXISTS {db}.stage_visits_at;
+DROP VIEW IF EXISTS {db}.stage_visit_facts_at;
 DROP VIEW IF EXISTS {db}.funnel;
 DROP VIEW IF EXISTS {db}.funnel_steps;
 DROP VIEW IF EXISTS {db}.funnel_steps_at;
@@ -421,4 +439,6 @@ DROP TABLE IF EXISTS {db}.opportunity_activity;
 DROP VIEW IF EXISTS {db}.stage_events_mv;
 DROP TABLE IF EXISTS {db}.stage_events;
 DROP TABLE IF EXISTS {db}.health_targets;
+DROP VIEW IF EXISTS {db}.event_watermark_mv;
+DROP TABLE IF EXISTS {db}.event_watermark;
 DROP TABLE IF EXISTS {db}.stage_config;
