@@ -2,6 +2,8 @@
 -- and the BI views. Views named *_at(...) are parameterized (as_of = the moment to look from, capped at the
 -- newest stored event time, so a replay of last month gives last month's answer); the plain views are the
 -- same at "now" = the newest event. Columns are documented in README.md ("Analytics").
+-- Each materialized view is followed by a one-off backfill from `events`: run this migration with the workers
+-- stopped, or rows inserted between the two statements would be counted twice.
 
 -- Stage order, thresholds and required activity: written by `dealpulse migrate` from the settings.
 CREATE TABLE IF NOT EXISTS {db}.stage_config
