@@ -7,7 +7,7 @@ for the CLI: a report is one of the views' fact tables grouped by an optional di
 >>> stage_config_rows(Settings(stages=("lead", "demo", "won", "lost"), stage_stall_days={"demo": 3}))
 [('lead', 1, 'open', 7.0, 'activity_note'), ('demo', 2, 'open', 3.0, 'activity_note'), ('won', 3, 'won', 0.0, ''), ('lost', 0, 'lost', 0.0, '')]
 >>> report_query("funnel", by="region")[0].splitlines()[0]
-'SELECT region, stage, position, count() AS entered, countIf(converted) AS converted,'
+'SELECT region, stage, position, count() AS entered, countIf(is_converted) AS converted,'
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Pure functions from :class:`~dealpulse.pipelines.analytics.Report` to text.
 >>> print(render_table(r))
 metric           value  status
 ---------------  -----  -------
-mql_to_sql       0.4    ok
-deal_cycle_days  -      no_data
+mql_to_sql         0.4  ok
+deal_cycle_days      -  no_data
 >>> print(render_csv(r).strip())
 metric,value,status
 mql_to_sql,0.4,ok
