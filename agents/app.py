@@ -20,6 +20,7 @@ import faust
 from faust.types import TP, EventT
 
 from dealpulse.agents.metrics import IngestMetrics
+from dealpulse.agents.scoring import ScoringService, make_tables
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
 from dealpulse.pipelines.keywords import KeywordTagger
@@ -40,6 +41,13 @@ def contract_rules(settings: Settings) -> ContractRules:
     return ContractRules(min_ts, int(settings.max_future_skew_s * 1000), frozenset(settings.stages), tagger)
 
 
+@dataclass(frozen=True)
+class OutputTopics:
+    dlq: faust.TopicT
+    scores: faust.TopicT
+    training: faust.TopicT
+
+
 @dataclass
 class IngestService:
     """Everything the ingest agent keeps between batches, owned by one app instance."""
@@ -50,6 +58,7 @@ class IngestService:
     rules: ContractRules = field(init=False)
     dedup: DedupState = field(default_factory=DedupState)
     writer: BatchWriter = field(init=False)
+    scoring: ScoringService | None = None
     stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -96,13 +105,15 @@ class IngestService:
         for tp in partitions:
             self.dedup.forget(tp.topic, tp.partition)
 
-    async def handle(self, events: Sequence[EventT], dlq_topic: faust.TopicT) -> Batch:
+    async def handle(self, events: Sequence[EventT], topics: OutputTopics) -> Batch:
         settings = self.settings
         now_ms = int(time.time() * 1000)
         batch = Batch()
+        spans: list[tuple[int, int, int]] = []  # (partition, first, end) slices of batch.valid
         for event in events:
             message = event.message
             await self.ensure_partition_loaded(message.topic, message.partition, message.offset)
+            first = len(batch.valid)
             process_message(
                 message.value or b"",
                 SourceRef(message.topic, message.partition, message.offset),
@@ -113,8 +124,22 @@ class IngestService:
                 settings.max_message_bytes,
                 settings.max_events_per_message,
             )
-        await self._publish_dead_letters(batch, dlq_topic)
+            if len(batch.valid) > first:
+                spans.append((message.partition, first, len(batch.valid)))
+        await self._publish_dead_letters(batch, topics.dlq)
+        scored = None
+        if self.scoring is not None:
+            scored = self.scoring.score_batch(events, batch, spans)
+            await self.scoring.publish(scored, topics.scores, topics.training)
+            if settings.metrics_enabled:
+                published = time.time()
+                for event in events[-16:]:
+                    self.metrics.kafka_to_score.observe(max(0.0, published - event.message.timestamp))
         await asyncio.get_running_loop().run_in_executor(None, self.writer.write, batch)
+        if self.scoring is not None and scored is not None:
+            written = self.scoring.commit_states(events, scored)
+            if settings.metrics_enabled:
+                self.metrics.states_written.inc(written)
         if settings.metrics_enabled:
             self._observe(events, batch)
         return batch
@@ -170,7 +195,7 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{settings.kafka_bootstrap.replace(',', ';kafka://')}",
-        store="memory://",
+        store=settings.state_store,
         datadir=str(settings.data_dir),
         web_enabled=False,
         topic_partitions=settings.topic_partitions,
@@ -186,19 +211,25 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     )
     metrics = metrics or IngestMetrics()
     service = IngestService(settings, connect(settings), metrics)
+    if settings.scoring_enabled:
+        service.scoring = ScoringService(settings, make_tables(app, settings), metrics)
     events_topic = app.topic(
         settings.events_topic,
         key_serializer="raw",
         value_serializer="raw",
         partitions=settings.topic_partitions,
     )
-    dlq_topic = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+    topics = OutputTopics(
+        app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw"),
+        app.topic(settings.scores_topic, key_serializer="raw", value_serializer="raw"),
+        app.topic(settings.training_topic, key_serializer="raw", value_serializer="raw"),
+    )
 
     @app.agent(events_topic, name="ingest")
     async def ingest(stream: Any) -> None:
         # take_events acks the batch only after this loop body returns, i.e. after the store accepted it
         async for events in stream.take_events(settings.batch_max_messages, within=settings.batch_max_seconds):
-            await service.handle(events, dlq_topic)
+            await service.handle(events, topics)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -222,6 +253,13 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     @app.on_before_shutdown.connect
     async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         service.stopping = True
+        if service.scoring is not None:
+            service.scoring.follower.stop()
+
+    @app.task
+    async def follow_model_snapshots() -> None:
+        if service.scoring is not None:
+            service.scoring.follower.start()
 
     app.dealpulse_service = service  # type: ignore[attr-defined]
     return app

@@ -15,6 +15,12 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     wanted = [
         NewTopic(settings.events_topic, settings.topic_partitions, settings.topic_replication),
         NewTopic(settings.dlq_topic, settings.topic_partitions, settings.topic_replication),
+        # scores share the events' partitioning: an account's scores are in order, next to its events
+        NewTopic(settings.scores_topic, settings.topic_partitions, settings.topic_replication),
+        # one partition: the single trainer learns in one order
+        NewTopic(settings.training_topic, 1, settings.topic_replication),
+        NewTopic(settings.models_topic, 1, settings.topic_replication, config={"cleanup.policy": "compact"}),
+        NewTopic(settings.signals_topic, 1, settings.topic_replication),
     ]
     missing = [t for t in wanted if t.topic not in existing]
     if not missing:

@@ -13,6 +13,8 @@ from dealpulse import __version__
 
 #: latency buckets from 5 ms to a day: event time includes the sources' own lateness
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400)
+#: finer buckets where the scoring latency target (50 ms) lives
+SCORE_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -83,6 +85,37 @@ class IngestMetrics:
         )
         self.assigned_partitions = Gauge(
             "dealpulse_assigned_partitions", "events-topic partitions this worker owns (0 until it joined)", registry=r
+        )
+
+        # scoring
+        self.scores = Counter(
+            "dealpulse_scores_total", "scores emitted, by model and grade", ["model", "grade"], registry=r
+        )
+        self.examples = Counter(
+            "dealpulse_training_examples_total",
+            "labelled snapshots sent to the trainer, by model and label source",
+            ["model", "source"],
+            registry=r,
+        )
+        self.feedback_unmatched = Counter(
+            "dealpulse_feedback_unmatched_total", "feedback events whose score snapshot was not found", registry=r
+        )
+        self.kafka_to_score = Histogram(
+            "dealpulse_kafka_to_score_seconds",
+            "Kafka message timestamp to its scores published",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "dealpulse_model_snapshot_version", "version of the snapshot this worker scores with", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.model_snapshot_age = Gauge(
+            "dealpulse_model_snapshot_age_seconds", "age of the snapshot this worker scores with", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.states_written = Counter(
+            "dealpulse_state_writes_total", "entity states written to the Faust tables", registry=r
         )
 
     def serve(self, port: int) -> int:

@@ -102,7 +102,8 @@ class Batch:
     events: list[tuple[Any, ...]] = field(default_factory=list)
     dlq: list[tuple[Any, ...]] = field(default_factory=list)
     duplicates: list[tuple[Any, ...]] = field(default_factory=list)
-    valid: list[Event] = field(default_factory=list)  # the validated events, for downstream agents
+    valid: list[Event] = field(default_factory=list)  # the validated events, aligned with ``events``
+    scores: list[tuple[Any, ...]] = field(default_factory=list)  # rows for the scores table (SCORE_COLUMNS)
     replay_skipped: int = 0
 
     def __len__(self) -> int:

@@ -81,6 +81,26 @@ class Settings(BaseSettings):
     sql_stage: str = "diagnosis"
     nurtured_stage: str = Field("presentation", description="lead nurturing counts leads reaching this stage")
 
+    # scoring: features, models and their topics
+    scoring_enabled: bool = Field(True, description="false runs ingest only")
+    features_file: Path | None = Field(None, description="YAML features file; built-in default if unset")
+    scores_topic: str = "dealpulse.scores"
+    training_topic: str = Field("dealpulse.training", description="labelled snapshots, one partition")
+    models_topic: str = Field("dealpulse.models", description="versioned model snapshots, compacted")
+    signals_topic: str = Field("dealpulse.signals", description="operational signals such as model_drift")
+    grade_thresholds: tuple[float, float, float] = Field(
+        (0.75, 0.5, 0.25), description="lower score bounds of grades A, B and C (below: D)"
+    )
+    snapshots_per_entity: int = Field(3, ge=1, le=20, description="feature snapshots kept for labelling")
+    label_guard_s: float = Field(0.0, ge=0, description="snapshots this close before an outcome stay unlabelled")
+    state_ttl_days: float = Field(120.0, gt=0, description="entity state idle this long (event time) expires")
+    state_store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
+
+    # trainer
+    snapshot_every_examples: int = Field(500, ge=1, description="publish a model snapshot after this many ...")
+    snapshot_interval_s: float = Field(5.0, gt=0, description="... or this long after the first unpublished one")
+    trainer_metrics_port: int = Field(9465, ge=0, description="the trainer's /metrics port; 0 picks a free one")
+
     # sink
     batch_max_messages: int = Field(500, ge=1, description="flush after this many Kafka messages ...")
     batch_max_seconds: float = Field(0.5, gt=0, description="... or after this long, whichever first")

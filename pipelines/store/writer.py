@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, DUPLICATE_COLUMNS, EVENT_COLUMNS, Batch
+from dealpulse.pipelines.scoring import SCORE_COLUMNS
 from dealpulse.pipelines.store.client import Store
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ _TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("events", "events", EVENT_COLUMNS),
     ("dlq", "dlq", DLQ_COLUMNS),
     ("duplicates", "duplicates", DUPLICATE_COLUMNS),
+    ("scores", "scores", SCORE_COLUMNS),
 )
 
 

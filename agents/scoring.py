@@ -1,0 +1,256 @@
+"""Scoring inside the worker: entity state in Faust tables, scores out, labelled snapshots to the trainer.
+
+The ingest agent hands each batch's validated events here, message by message. State lives in three Faust tables
+(leads, accounts, opportunities; changelog-backed, RocksDB or memory). Their changelog partitions are the input
+partitions the events came from, so a worker that gains partition *p* of the events topic recovers exactly the
+state of the entities whose events live on *p* (co-partitioned by account_id, whatever the key of the table).
+
+Per batch: load each touched entity once, fold and score every event, publish scores (one message per input
+partition, same partition number) and labelled examples (one message on the one-partition training topic), then —
+after the store accepted the batch — write the touched states back to the tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from faust import streams as faust_streams
+from faust.types import EventT, TableT
+
+from dealpulse.agents.metrics import IngestMetrics
+from dealpulse.models.online import ModelSnapshot, load_snapshot
+from dealpulse.pipelines.features import DAY_MS, FeatureSpec, load_features
+from dealpulse.pipelines.ingest import Batch
+from dealpulse.pipelines.scoring import EntityStates, Output, Predictor, Scorer
+from dealpulse.pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENTITY_TABLES = {"lead": "leads", "account": "accounts", "opportunity": "opportunities"}
+
+
+@contextlib.contextmanager
+def in_partition_of(event: EventT) -> Iterator[None]:
+    """Make ``event`` Faust's current event, so table writes go to (and are stored for) its partition.
+
+    Faust picks a table's changelog partition from the event being processed; a batch spans partitions,
+    so each write is scoped to an event of its own partition.
+    """
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_streams._current_event.reset(token)
+
+
+class SnapshotFollower:
+    """Follows the compacted models topic in a thread and keeps the newest snapshot per model (hot swap)."""
+
+    def __init__(self, settings: Settings, spec: FeatureSpec) -> None:
+        self.settings = settings
+        self.min_labels = {name: model.min_labels for name, model in spec.models.items()}
+        self.snapshots: dict[str, ModelSnapshot] = {}
+        self.caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="snapshot-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def predictors(self) -> dict[str, Predictor]:
+        """Models that have learned enough to replace the prior; the others score with the prior (cold)."""
+        return {
+            name: snapshot
+            for name, snapshot in self.snapshots.items()
+            if snapshot.learned >= self.min_labels.get(name, 0)
+        }
+
+    def offer(self, snapshot: ModelSnapshot) -> bool:
+        current = self.snapshots.get(snapshot.name)
+        if current is not None and current.version >= snapshot.version:
+            return False
+        self.snapshots = {**self.snapshots, snapshot.name: snapshot}  # swap the dict: readers never see a half
+        log.info("model %s: now scoring with snapshot v%d (%d examples learned)",
+                 snapshot.name, snapshot.version, snapshot.learned)  # fmt: skip
+        return True
+
+    def _run(self) -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": "dealpulse-snapshot-follower",  # unused: partitions are assigned, never committed
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            tp = TopicPartition(self.settings.models_topic, 0, OFFSET_BEGINNING)
+            consumer.assign([tp])
+            while not self._stop.is_set():
+                message = consumer.poll(0.5)
+                if message is None:
+                    _low, high = consumer.get_watermark_offsets(TopicPartition(self.settings.models_topic, 0), 5)
+                    position = consumer.position([TopicPartition(self.settings.models_topic, 0)])[0].offset
+                    if high <= 0 or position >= high:
+                        self.caught_up.set()
+                    continue
+                if message.error() or not message.value():
+                    continue
+                try:
+                    self.offer(load_snapshot(message.value() or b""))
+                except Exception:  # a corrupt snapshot must not stop scoring with the current one
+                    log.exception("ignoring an unreadable model snapshot at offset %s", message.offset())
+        except Exception:
+            log.exception("snapshot follower stopped")
+        finally:
+            consumer.close()
+
+
+@dataclass
+class ScoringService:
+    """Per worker: the scorer, the tables and the snapshot follower. Nothing here is module-level."""
+
+    settings: Settings
+    tables: dict[str, TableT]
+    metrics: IngestMetrics
+    spec: FeatureSpec = field(init=False)
+    scorer: Scorer = field(init=False)
+    follower: SnapshotFollower = field(init=False)
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.spec = load_features(settings.features_file)
+        self.scorer = Scorer(
+            self.spec,
+            settings.grade_thresholds,
+            settings.snapshots_per_entity,
+            label_guard_ms=int(settings.label_guard_s * 1000),
+        )
+        self.follower = SnapshotFollower(settings, self.spec)
+
+    def _load(self, entity: str, key: str) -> dict[str, Any] | None:
+        raw = self.tables[entity].get(key.encode())
+        if raw is None:
+            return None
+        state: dict[str, Any] = orjson.loads(raw)
+        return state
+
+    def score_batch(self, events: Sequence[EventT], batch: Batch, spans: list[tuple[int, int, int]]) -> dict[int, Any]:
+        """Score the batch's valid events; ``spans`` are (partition, first, end) slices of ``batch.valid``.
+
+        Returns the per-partition working states, to be written back by :meth:`commit_states` after the store
+        accepted the batch.
+        """
+        models = self.follower.predictors()
+        per_partition: dict[int, tuple[EntityStates, Output]] = {}
+        now_ms = int(time.time() * 1000)
+        topic = self.settings.events_topic
+        ttl_ms = int(self.settings.state_ttl_days * DAY_MS)
+        for partition, first, end in spans:
+            if partition not in per_partition:
+                per_partition[partition] = (EntityStates(self._load), Output())
+            states, out = per_partition[partition]
+            scorer = self.scorer
+            for i in range(first, end):
+                event = batch.valid[i]
+                scored_before = len(out.scores)
+                self._expire_idle(states, event.lead_id, event.account_id, event.ts_ms, ttl_ms)
+                scorer.process_into(event, states, models, out)
+                row = batch.events[i]
+                for score in out.scores[scored_before:]:
+                    batch.scores.append(
+                        (
+                            score.score_id,
+                            score.model,
+                            score.entity,
+                            score.entity_id,
+                            score.account_id,
+                            score.event_id,
+                            score.ts_ms,
+                            score.score,
+                            score.grade,
+                            score.model_version,
+                            score.cold,
+                            topic,
+                            row[11],
+                            row[12],
+                            row[13],
+                            now_ms,
+                        )
+                    )
+        return per_partition
+
+    def _expire_idle(self, states: EntityStates, lead: str, account: str, ts_ms: int, ttl_ms: int) -> None:
+        """State idle longer than the TTL (in event time) starts afresh: it no longer describes the entity."""
+        for entity, key in (("lead", lead), ("account", account)):
+            if key:
+                state = states.get(entity, key)
+                if state["t"] and ts_ms - state["t"] > ttl_ms:
+                    states.cache[(entity, key)] = {"t": 0, "s": {}, "a": []}
+
+    async def publish(self, per_partition: dict[int, Any], scores_topic: faust.TopicT,
+                      training_topic: faust.TopicT) -> None:  # fmt: skip
+        """Scores to their partition (in order per account), examples to the one training partition."""
+        pending = []
+        examples: list[dict[str, Any]] = []
+        unmatched = 0
+        for partition, (_states, out) in per_partition.items():
+            if out.scores:
+                value = orjson.dumps([score.to_json() for score in out.scores])
+                pending.append(await scores_topic.send(value=value, partition=partition))
+            examples.extend(example.to_json() for example in out.examples)
+            unmatched += out.feedback_unmatched
+        if examples:
+            pending.append(await training_topic.send(value=orjson.dumps(examples), partition=0))
+        for future in pending:
+            await future  # delivered before the batch may be acked
+        if self.settings.metrics_enabled:
+            m = self.metrics
+            for _partition, (_states, out) in per_partition.items():
+                for score in out.scores:
+                    m.scores.labels(score.model, score.grade).inc()
+                for example in out.examples:
+                    m.examples.labels(example.model, example.source).inc()
+            m.feedback_unmatched.inc(unmatched)
+            for name, snapshot in self.follower.snapshots.items():
+                m.model_version.labels(name).set(snapshot.version)
+                m.model_snapshot_age.labels(name).set(max(0.0, time.time() - snapshot.created_ms / 1000))
+
+    def commit_states(self, events: Sequence[EventT], per_partition: dict[int, Any]) -> int:
+        """Write every touched state back to its table, in the partition it came from; returns states written."""
+        anchor: dict[int, EventT] = {}
+        for event in events:
+            anchor.setdefault(event.message.partition, event)
+        written = 0
+        for partition, (states, _out) in per_partition.items():
+            with in_partition_of(anchor[partition]):
+                for entity, key in states.dirty:
+                    self.tables[entity][key.encode()] = orjson.dumps(states.cache[(entity, key)])
+                    written += 1
+        return written
+
+
+def make_tables(app: faust.App, settings: Settings) -> dict[str, TableT]:
+    """One changelog-backed table per entity kind, partitioned like the events topic."""
+    return {
+        entity: app.Table(
+            name,
+            partitions=settings.topic_partitions,
+            key_serializer="raw",
+            value_serializer="raw",
+            help=f"dealpulse {entity} state",
+        )
+        for entity, name in ENTITY_TABLES.items()
+    }
