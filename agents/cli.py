@@ -111,6 +111,23 @@ def worker() -> None:
     Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 
+@main.command()
+def trainer() -> None:
+    """Run the single trainer: learn from the training topic in order, publish model snapshots.
+
+    Run exactly one. It resumes from the newest snapshot on the models topic; its metrics are on
+    DEALPULSE_TRAINER_METRICS_PORT.
+    """
+    from dealpulse.agents.kafka_admin import ensure_topics
+    from dealpulse.agents.trainer import serve_trainer
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper().replace("WARN", "WARNING"),
+                        format="%(asctime)s trainer %(levelname)s %(message)s")  # fmt: skip
+    ensure_topics(settings)
+    serve_trainer(settings)
+
+
 def _world_messages(events: int, seed: int, batch_size: int) -> list[tuple[str, bytes, int]]:
     from dealpulse.pipelines.generator import generate_world, pack_messages
 

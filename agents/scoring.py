@@ -36,6 +36,7 @@ from dealpulse.pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
+ITEMS_PER_MESSAGE = 1000  # scores or examples per Kafka message: well under the brokers' 1 MB default
 ENTITY_TABLES = {"lead": "leads", "account": "accounts", "opportunity": "opportunities"}
 
 
@@ -207,13 +208,13 @@ class ScoringService:
         examples: list[dict[str, Any]] = []
         unmatched = 0
         for partition, (_states, out) in per_partition.items():
-            if out.scores:
-                value = orjson.dumps([score.to_json() for score in out.scores])
+            for chunk in _chunks(out.scores, ITEMS_PER_MESSAGE):
+                value = orjson.dumps([score.to_json() for score in chunk])
                 pending.append(await scores_topic.send(value=value, partition=partition))
             examples.extend(example.to_json() for example in out.examples)
             unmatched += out.feedback_unmatched
-        if examples:
-            pending.append(await training_topic.send(value=orjson.dumps(examples), partition=0))
+        for chunk in _chunks(examples, ITEMS_PER_MESSAGE):
+            pending.append(await training_topic.send(value=orjson.dumps(chunk), partition=0))
         for future in pending:
             await future  # delivered before the batch may be acked
         if self.settings.metrics_enabled:
@@ -242,14 +243,18 @@ class ScoringService:
         return written
 
 
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def make_tables(app: faust.App, settings: Settings) -> dict[str, TableT]:
     """One changelog-backed table per entity kind, partitioned like the events topic."""
     return {
         entity: app.Table(
             name,
             partitions=settings.topic_partitions,
-            key_serializer="raw",
-            value_serializer="raw",
+            schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
             help=f"dealpulse {entity} state",
         )
         for entity, name in ENTITY_TABLES.items()

@@ -57,6 +57,18 @@ def start_worker_process(settings: Settings, workdir: Path, index: int = 0) -> W
     return WorkerProcess(proc.name, proc.process, proc.log_path, port)
 
 
+def start_trainer_process(settings: Settings, workdir: Path, index: int = 0) -> WorkerProcess:
+    """Start `dealpulse trainer` with these settings (its metrics on a free port)."""
+    port = free_port()
+    proc = ManagedProcess.start(
+        f"trainer-{index}",
+        [sys.executable, "-m", "dealpulse.agents.cli", "trainer"],
+        workdir / f"trainer-{index}.log",
+        env=settings_env(settings.model_copy(update={"trainer_metrics_port": port, "log_level": "info"})),
+    )
+    return WorkerProcess(proc.name, proc.process, proc.log_path, port)
+
+
 def worker_metric(worker: WorkerProcess, name: str) -> float | None:
     """The value of an unlabelled sample on the worker's /metrics, or None if it cannot be read (yet)."""
     import urllib.request
@@ -92,6 +104,7 @@ class EmbeddedStack:
         self.credentials = StoreCredentials()
         self.processes: list[ManagedProcess] = []
         self.workers: list[WorkerProcess] = []
+        self.trainers: list[WorkerProcess] = []
         self.settings: Settings
         self._store: Store | None = None
 
@@ -108,6 +121,7 @@ class EmbeddedStack:
                     "clickhouse_user": self.credentials.writer,
                     "clickhouse_password": self.credentials.writer_password,
                     "data_dir": self.workdir / "worker",
+                    "state_store": "memory://",
                     **self.overrides,
                 }
             )
@@ -135,6 +149,12 @@ class EmbeddedStack:
         self.workers.append(worker)
         return worker
 
+    def start_trainer(self, **overrides: Any) -> WorkerProcess:
+        """Start the `dealpulse trainer` process against this stack."""
+        trainer = start_trainer_process(self.settings.model_copy(update=overrides), self.workdir, len(self.trainers))
+        self.trainers.append(trainer)
+        return trainer
+
     def wait_worker_ready(self, worker: WorkerProcess, timeout: float = 120) -> None:
         wait_worker_ready(worker, timeout)
 
@@ -161,7 +181,7 @@ class EmbeddedStack:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        for worker in reversed(self.workers):
+        for worker in [*reversed(self.workers), *self.trainers]:
             worker.stop()
         if self._store is not None:
             self._store.close()

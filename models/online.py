@@ -191,7 +191,9 @@ class OnlineModel:
         predicted = float(self.pipeline.predict_proba_one(x).get(True, 0.0)) if self.learned else 0.5
         loss = self.metrics.update(predicted, label, served, baseline)
         self.detector.update(loss)
-        drifted = bool(self.detector.drift_detected) and self.learned > 100
+        # ADWIN flags any change; only a worse error is drift worth raising (an improving model is not)
+        mean_loss = self.metrics.log_loss_sum / self.metrics.examples
+        drifted = bool(self.detector.drift_detected) and self.learned > 100 and self.detector.estimation > mean_loss
         if drifted:
             self.metrics.drifts += 1
         self.pipeline.learn_one(x, bool(label))
