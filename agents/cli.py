@@ -128,6 +128,89 @@ def trainer() -> None:
     serve_trainer(settings)
 
 
+@main.command()
+@click.option(
+    "--events",
+    "events_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a JSONL file of v1 events with outcome events (default: the generator's world)",
+)
+@click.option(
+    "--features",
+    "features_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a features file (default: the shipped one)",
+)
+@click.option(
+    "--world-events",
+    type=click.IntRange(1000),
+    default=100_000,
+    show_default=True,
+    help="size of the generated world when no --events file is given",
+)
+@click.option("--seed", type=int, default=7, show_default=True, help="chooses the generated world")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="keep broker/store/logs here")
+@click.option("--timeout", type=float, default=1800, show_default=True, help="seconds to wait for the pipeline")
+def evaluate(events_file: Path | None, features_file: Path | None, world_events: int, seed: int, as_json: bool,
+             workdir: Path | None, timeout: float) -> None:  # fmt: skip
+    """Run events through the real pipeline with the trainer and report how well the models rank outcomes.
+
+    intent_auc / churn_auc are the trainer's progressive ROC AUC (each example predicted before it is learned);
+    baseline_*_auc the same for a naive recency/frequency score; grade_accuracy the share of labelled leads whose
+    last grade before the outcome was A/B for won and C/D for lost. See README "Models".
+    """
+    from dealpulse.agents.embedded import temporary_workdir
+    from dealpulse.agents.evaluate import evaluate as run_evaluation
+    from dealpulse.pipelines.features import load_features
+
+    if features_file is not None:
+        load_features(features_file)  # a bad file fails here with file:line:column, before anything starts
+    truth: dict[str, Any] | None = None
+    if events_file is not None:
+        from dealpulse.pipelines.replay import jsonl_messages
+
+        with events_file.open("rb") as handle:
+            messages = list(jsonl_messages(handle, 100))
+    else:
+        from dealpulse.pipelines.generator import generate_world, pack_messages
+
+        world = generate_world(seed, world_events)
+        messages = list(pack_messages(world.records(), 100))
+        truth = orjson.loads(world.truth.to_json())
+    say = (lambda _stage: None) if as_json else (lambda stage: click.echo(f"... {stage}", err=True))
+    with temporary_workdir(workdir) as wd:
+        result = run_evaluation(wd, messages, truth, features_file, timeout, say)
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+        return
+    for key, value in result.items():
+        if not key.endswith("_curve"):
+            click.echo(f"{key:32} {value}")
+
+
+@main.group()
+def features() -> None:
+    """The features file: what the intent and churn models see."""
+
+
+@features.command("check")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def features_check(path: Path) -> None:
+    """Check a features file; exits non-zero with file:line:column on the first error."""
+    from dealpulse.pipelines.config_errors import ConfigError
+    from dealpulse.pipelines.features import FeatureSpec
+
+    try:
+        spec = FeatureSpec.from_file(path)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+    for name, model in spec.models.items():
+        click.echo(
+            f"{name}: {model.entity}, {len(spec.of(model.entity))} features: {', '.join(spec.names(model.entity))}"
+        )
+
+
 def _world_messages(events: int, seed: int, batch_size: int) -> list[tuple[str, bytes, int]]:
     from dealpulse.pipelines.generator import generate_world, pack_messages
 

@@ -161,7 +161,7 @@ class ScoringService:
         ttl_ms = int(self.settings.state_ttl_days * DAY_MS)
         for partition, first, end in spans:
             if partition not in per_partition:
-                per_partition[partition] = (EntityStates(self._load), Output())
+                per_partition[partition] = (EntityStates(self._load, self.spec.fingerprint), Output())
             states, out = per_partition[partition]
             scorer = self.scorer
             for i in range(first, end):
@@ -199,7 +199,7 @@ class ScoringService:
             if key:
                 state = states.get(entity, key)
                 if state["t"] and ts_ms - state["t"] > ttl_ms:
-                    states.cache[(entity, key)] = {"t": 0, "s": {}, "a": []}
+                    states.cache[(entity, key)] = {"t": 0, "s": {}, "a": [], "v": self.spec.fingerprint}
 
     async def publish(self, per_partition: dict[int, Any], scores_topic: faust.TopicT,
                       training_topic: faust.TopicT) -> None:  # fmt: skip

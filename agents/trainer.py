@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from dealpulse.models.online import ModelSnapshot, OnlineModel, dump_snapshot, load_snapshot
@@ -23,35 +24,48 @@ from dealpulse.pipelines.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def newest_snapshots(settings: Settings, timeout: float = 30.0) -> dict[str, ModelSnapshot]:
-    """Read the models topic to its end; the newest snapshot of each model."""
+def read_to_end(settings: Settings, topic: str, start: int = OFFSET_BEGINNING,
+                timeout: float = 30.0) -> Iterator[Message]:  # fmt: skip
+    """Every message of partition 0 of ``topic`` from ``start`` until the partition goes quiet.
+
+    The end is where a poll comes back empty after the reported high watermark was reached: some brokers
+    (Tansu, measured) report a high watermark one short after a multi-record batch.
+    """
     consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "dealpulse-snapshot-reader",
-         "enable.auto.commit": False}
-    )  # fmt: skip
-    newest: dict[str, ModelSnapshot] = {}
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "dealpulse-reader", "enable.auto.commit": False}
+    )
     try:
-        tp = TopicPartition(settings.models_topic, 0)
-        _low, high = consumer.get_watermark_offsets(tp, timeout)
+        _low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout)
         if high <= 0:
-            return newest
-        consumer.assign([TopicPartition(settings.models_topic, 0, OFFSET_BEGINNING)])
+            return
+        consumer.assign([TopicPartition(topic, 0, start)])
         deadline = time.monotonic() + timeout
         position = -1
-        while position < high - 1 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             message = consumer.poll(0.5)
-            if message is None or message.error():
+            if message is None:
+                if position >= high - 1:
+                    return
                 continue
-            position = message.offset()
-            try:
-                snapshot = load_snapshot(message.value() or b"")
-            except Exception:
-                log.exception("ignoring an unreadable snapshot at offset %d", position)
+            if message.error():
                 continue
-            if snapshot.name not in newest or snapshot.version > newest[snapshot.name].version:
-                newest[snapshot.name] = snapshot
+            position = message.offset() or 0
+            yield message
     finally:
         consumer.close()
+
+
+def newest_snapshots(settings: Settings, timeout: float = 30.0) -> dict[str, ModelSnapshot]:
+    """Read the models topic to its end; the newest snapshot of each model."""
+    newest: dict[str, ModelSnapshot] = {}
+    for message in read_to_end(settings, settings.models_topic, timeout=timeout):
+        try:
+            snapshot = load_snapshot(message.value() or b"")
+        except Exception:
+            log.exception("ignoring an unreadable snapshot at offset %d", message.offset())
+            continue
+        if snapshot.name not in newest or snapshot.version > newest[snapshot.name].version:
+            newest[snapshot.name] = snapshot
     return newest
 
 
@@ -178,7 +192,7 @@ def run_trainer(settings: Settings, stop: threading.Event, metrics: TrainerMetri
             for message in consumer.consume(200, 0.5):
                 if message.error():
                     continue
-                for signal in trainer.learn_message(message.offset(), message.value() or b""):
+                for signal in trainer.learn_message(message.offset() or 0, message.value() or b""):
                     producer.produce(settings.signals_topic, key=str(signal["model"]).encode(),
                                      value=orjson.dumps(signal))  # fmt: skip
                     log.warning("model drift: %s", signal)

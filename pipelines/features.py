@@ -52,6 +52,7 @@ class Feature:
     kind: str
     index: int
     types: frozenset[str]
+    key: str = ""  # its short key in entity state (the index): keeps state small
     props: tuple[tuple[str, frozenset[Any]], ...] = ()
     keywords: frozenset[str] = frozenset()
     window_ms: int = 0
@@ -59,7 +60,7 @@ class Feature:
     prop: str = ""
     status_prop: str = ""
     closed: frozenset[str] = frozenset()
-    cap: float = 365.0
+    cap: float = math.inf
     prior: float = 0.0
     scale: float = 1.0
 
@@ -96,6 +97,15 @@ class FeatureSpec:
         object.__setattr__(self, "_by_type", {key: tuple(value) for key, value in index.items()})
         object.__setattr__(self, "_by_entity", {e: tuple(f for f in self.features if f.entity == e) for e in ENTITIES})
 
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the features change: state written under another spec is not reused."""
+        import hashlib
+
+        text = repr([(f.name, f.entity, f.kind, sorted(f.types), f.props, sorted(f.keywords), f.window_ms, f.prop,
+                      f.status_prop, sorted(f.closed)) for f in self.features])  # fmt: skip
+        return hashlib.sha1(text.encode()).hexdigest()[:8]
+
     def for_event(self, entity: str, event_type: str) -> tuple[Feature, ...]:
         return self._by_type.get((entity, event_type), ())  # type: ignore[attr-defined]
 
@@ -112,7 +122,7 @@ class FeatureSpec:
         """The entity's feature values at its own event time (the newest event it has seen)."""
         now = state["t"]
         values = state["s"]
-        return [feature_value(f, values.get(f.name), now) for f in self.of(entity)]
+        return [feature_value(f, values.get(f.key), now) for f in self.of(entity)]
 
     def prior(self, entity: str, vector: Sequence[float]) -> float:
         """The documented cold-start score: sigmoid(bias + sum(prior * v / (|v| + scale)))."""
@@ -167,7 +177,7 @@ def update_state(
     for feature in spec.for_event(entity, event_type):
         if (feature.props or feature.keywords) and not feature.matches(props, keywords):
             continue
-        values[feature.name] = _fold(feature, values.get(feature.name), ts_ms, props, state["t"])
+        values[feature.key] = _fold(feature, values.get(feature.key), ts_ms, props, state["t"])
         changed = True
     return changed
 
@@ -411,9 +421,10 @@ def _parse_feature(raw: Any, path: tuple[Any, ...], positions: dict[str, int], f
     if kind == "open_items" and (not status_prop or not isinstance(closed, list) or not closed):
         raise fail(path, f"feature {name!r}: an open_items feature needs 'status_prop' and a 'closed' list")
     numbers = {}
-    for key, default in (("cap", 365.0), ("prior", 0.0), ("scale", 1.0)):
+    default_cap = 365.0 if kind in ("days_since", "days_until") else math.inf
+    for key, default in (("cap", default_cap), ("prior", 0.0), ("scale", 1.0)):
         value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise fail((*path, key), f"feature {name!r}: {key!r} must be a number")
         numbers[key] = float(value)
     if numbers["scale"] <= 0 or numbers["cap"] <= 0:
@@ -422,6 +433,6 @@ def _parse_feature(raw: Any, path: tuple[Any, ...], positions: dict[str, int], f
     if window_ms and window_ms % bucket_ms:
         raise fail((*path, "window"), f"feature {name!r}: a window of 2 days or more is whole days")
     return Feature(
-        name, entity, kind, positions[entity], frozenset(types), props, frozenset(keywords), window_ms, bucket_ms,
+        name, entity, kind, positions[entity], frozenset(types), str(positions[entity]), props, frozenset(keywords), window_ms, bucket_ms,
         str(prop), str(status_prop), frozenset(map(str, closed)), numbers["cap"], numbers["prior"], numbers["scale"],
     )  # fmt: skip

@@ -130,6 +130,7 @@ class EntityStates:
     """
 
     load: Callable[[str, str], dict[str, Any] | None]
+    fingerprint: str = ""  # of the FeatureSpec the states belong to
     cache: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     dirty: set[tuple[str, str]] = field(default_factory=set)
 
@@ -137,12 +138,20 @@ class EntityStates:
         cache_key = (entity, key)
         state = self.cache.get(cache_key)
         if state is None:
-            state = self.load(entity, key) or new_state()
+            state = self.load(entity, key)
+            if state is None or state.get("v") != self.fingerprint:  # written under other features: start over
+                state = new_state()
+                state["v"] = self.fingerprint
             self.cache[cache_key] = state
         return state
 
     def changed(self, entity: str, key: str) -> None:
         self.dirty.add((entity, key))
+
+
+def _compact(value: float) -> float | int:
+    """Integral values as ints, others to 4 decimals: snapshots stay small in state."""
+    return int(value) if value.is_integer() else round(value, 4)
 
 
 def grade_of(score: float, thresholds: Sequence[float]) -> str:
@@ -221,8 +230,8 @@ class Scorer:
                 version == 0,
             )
         )
-        snapshot = [event.ts_ms, score_id, version, round(score, 6), round(baseline(state), 6),
-                    [round(v, 6) for v in vector]]  # fmt: skip
+        snapshot = [event.ts_ms, event.event_id, version, round(score, 4), round(baseline(state), 4),
+                    [_compact(v) for v in vector]]  # fmt: skip
         snapshots: list[list[Any]] = state.setdefault("x", [])
         if snapshots and event.ts_ms - snapshots[-1][0] < self.snapshot_spacing_ms:
             snapshots[-1] = snapshot
@@ -247,7 +256,7 @@ class Scorer:
         keep = []
         for snapshot in state.get("x", []):
             if snapshot[0] < before:
-                out.examples.append(self._example(model, key, event, snapshot, label, "outcome"))
+                out.examples.append(self._example(model, entity, key, event, snapshot, label, "outcome"))
             else:
                 keep.append(snapshot)  # scored at or after the outcome: never a training example
         state["x"] = keep
@@ -264,16 +273,17 @@ class Scorer:
         state = states.get(entity, key)
         snapshots = state.get("x", [])
         for i, snapshot in enumerate(snapshots):
-            if snapshot[1] == ref and snapshot[0] <= event.ts_ms:
+            if f"{entity}:{key}:{snapshot[1]}" == ref and snapshot[0] <= event.ts_ms:
                 label = 1 if event.props.get("verdict") == "accepted" else 0
-                out.examples.append(self._example(model, key, event, snapshot, label, "feedback"))
+                out.examples.append(self._example(model, entity, key, event, snapshot, label, "feedback"))
                 del snapshots[i]
                 states.changed(entity, key)
                 return
         out.feedback_unmatched += 1
 
     @staticmethod
-    def _example(model: str, key: str, event: Event, snapshot: list[Any], label: int, source: str) -> Example:
-        ts, score_id, version, served, base, vector = snapshot
-        return Example(model, key, event.account_id, ts, event.ts_ms, label, list(vector), served, version, base,
-                       source, score_id)  # fmt: skip
+    def _example(model: str, entity: str, key: str, event: Event, snapshot: list[Any], label: int,
+                 source: str) -> Example:  # fmt: skip
+        ts, event_id, version, served, base, vector = snapshot
+        return Example(model, key, event.account_id, ts, event.ts_ms, label, [float(v) for v in vector], served,
+                       version, base, source, f"{entity}:{key}:{event_id}")  # fmt: skip
