@@ -129,6 +129,7 @@ class IngestService:
         await self._publish_dead_letters(batch, topics.dlq)
         scored = None
         if self.scoring is not None:
+            await self.scoring.wait_for_snapshots()
             scored = self.scoring.score_batch(events, batch, spans)
             await self.scoring.publish(scored, topics.scores, topics.training)
             if settings.metrics_enabled:
@@ -196,6 +197,9 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
         settings.consumer_group,
         broker=f"kafka://{settings.kafka_bootstrap.replace(',', ';kafka://')}",
         store=settings.state_store,
+        # raw bytes everywhere: table recovery decodes changelogs with the app defaults, not the table schema
+        key_serializer="raw",
+        value_serializer="raw",
         datadir=str(settings.data_dir),
         web_enabled=False,
         topic_partitions=settings.topic_partitions,

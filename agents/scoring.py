@@ -12,6 +12,7 @@ after the store accepted the batch — write the touched states back to the tabl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -140,6 +141,15 @@ class ScoringService:
             label_guard_ms=int(settings.label_guard_s * 1000),
         )
         self.follower = SnapshotFollower(settings, self.spec)
+
+    async def wait_for_snapshots(self, timeout: float = 15.0) -> None:
+        """Before the first batch: let the follower read the newest snapshots, so a restart scores warm."""
+        if self.follower.caught_up.is_set():
+            return
+        deadline = time.monotonic() + timeout
+        while not self.follower.caught_up.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.follower.caught_up.set()  # after the timeout: score with the prior rather than not at all
 
     def _load(self, entity: str, key: str) -> dict[str, Any] | None:
         raw = self.tables[entity].get(key.encode())

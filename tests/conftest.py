@@ -44,12 +44,19 @@ def make_settings(services: dict[str, object], workdir: Path) -> Settings:
         kafka_bootstrap=str(services["bootstrap"]),
         events_topic=f"events-{suffix}",
         dlq_topic=f"events-{suffix}.dlq",
+        scores_topic=f"scores-{suffix}",
+        training_topic=f"training-{suffix}",
+        models_topic=f"models-{suffix}",
+        signals_topic=f"signals-{suffix}",
         consumer_group=f"dealpulse-{suffix}",
         clickhouse_port=int(str(services["store_port"])),
         clickhouse_user=credentials.writer,
         clickhouse_password=credentials.writer_password,
         clickhouse_database=f"test_{suffix}",
         data_dir=workdir / "worker",
+        # the embedded default: Tansu reports a high watermark one short after multi-record batches, which
+        # Faust's RocksDB recovery takes for lost data (ConsistencyError); see README "Known limits"
+        state_store="memory://",
         topic_partitions=2,
     )
     store = connect(result)

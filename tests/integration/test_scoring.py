@@ -1,0 +1,108 @@
+"""Scores, training and snapshots on real parts: Tansu, a Faust worker, the trainer process, chDB."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from dealpulse.agents.evaluate import wait_trainer_caught_up
+from dealpulse.agents.stack import WorkerProcess, produce, start_trainer_process, worker_metric
+from dealpulse.agents.trainer import newest_snapshots
+from dealpulse.pipelines.generator import generate_world, pack_messages
+from dealpulse.pipelines.settings import Settings
+from dealpulse.pipelines.store.client import Store
+from tests.conftest import wait_accounted
+
+pytestmark = pytest.mark.integration
+StartWorker = Callable[..., WorkerProcess]
+
+
+def read_all(settings: Settings, topic: str) -> list[dict[str, object]]:
+    """Every item of every message on ``topic`` (each message holds a JSON array)."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "test-read-all"})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    items: list[dict[str, object]] = []
+    idle = 0
+    while idle < 3:
+        batch = [m for m in consumer.consume(500, 0.5) if not m.error()]
+        idle = 0 if batch else idle + 1
+        for message in batch:
+            items.extend(orjson.loads(message.value()))
+    consumer.close()
+    return items
+
+
+def features_file(tmp_path: Path) -> Path:
+    """The shipped features with small label minimums, so a small world warms the models up."""
+    shipped = resources.files("dealpulse.pipelines").joinpath("features.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "features.yaml"
+    path.write_text(shipped.replace("min_labels: 200", "min_labels: 30").replace("min_labels: 100", "min_labels: 10"))
+    return path
+
+
+def test_scores_flow_the_trainer_learns_and_a_restarted_trainer_resumes_from_the_newest_snapshot(
+    settings: Settings, store: Store, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(
+        update={"features_file": features_file(tmp_path), "snapshot_every_examples": 50, "snapshot_interval_s": 0.5}
+    )
+    messages = list(pack_messages(generate_world(seed=8, target_events=16_000).records(), 50))
+    first, second = messages[: len(messages) // 2], messages[len(messages) // 2 :]
+
+    worker = start_worker(settings)
+    trainer = start_trainer_process(settings, tmp_path, 0)
+    try:
+        _, sent_first = produce(settings, first)
+        wait_accounted(store, sent_first)
+        before = wait_trainer_caught_up(settings, timeout=120)
+    finally:
+        trainer.stop()
+    assert set(before) == {"intent", "churn"}
+    assert before["intent"].learned >= 30 and before["intent"].version >= 1
+
+    # every score is in the store and on the scores topic, with grades from the thresholds
+    stored = store.query_rows("SELECT model, count(), min(score), max(score) FROM scores GROUP BY model ORDER BY model")
+    assert [row[0] for row in stored] == ["churn", "intent"]
+    assert all(0.0 <= row[2] <= row[3] <= 1.0 for row in stored)
+    total = sum(int(row[1]) for row in stored)
+    published = read_all(settings, settings.scores_topic)
+    assert len({s["score_id"] for s in published}) == total
+    assert {s["grade"] for s in published} <= {"A", "B", "C", "D"}
+    lead_view = store.query_rows("SELECT count(), countIf(region != '') FROM lead_intent")[0]
+    assert lead_view[0] == store.query_rows("SELECT uniqExact(entity_id) FROM scores WHERE model = 'intent'")[0][0]
+    assert lead_view[1] == lead_view[0]  # joined with the account dimensions
+
+    # restart the trainer: it continues from the newest snapshot; the running worker hot-swaps new ones
+    trainer = start_trainer_process(settings, tmp_path, 1)
+    try:
+        resumed_at = time.time() * 1000
+        _, sent_second = produce(settings, second)
+        wait_accounted(store, sent_first + sent_second)
+        after = wait_trainer_caught_up(settings, timeout=120)
+        trainer_log = trainer.log_path.read_text()
+    finally:
+        trainer.stop()
+    version = before["intent"].version
+    assert f"model intent: resumed from snapshot v{version}" in trainer_log
+    assert after["intent"].version > version and after["intent"].learned > before["intent"].learned
+    first_warm = store.query_rows(
+        "SELECT cold, model_version FROM scores WHERE model = 'intent' AND scored_at >= fromUnixTimestamp64Milli("
+        "{at:Int64}) ORDER BY scored_at, ts LIMIT 1",
+        {"at": int(resumed_at)},
+    )[0]
+    assert first_warm[0] is False or first_warm[0] == 0
+    assert first_warm[1] >= version
+    assert (worker_metric(worker, 'dealpulse_model_snapshot_version{model="intent"}') or 0) >= version
+
+    # nothing learned twice: the trainer's example count is the number of examples on the training topic
+    examples = read_all(settings, settings.training_topic)
+    learned = after["intent"].learned + after["churn"].learned
+    assert learned == len(examples)
+    assert newest_snapshots(settings)["intent"].version == after["intent"].version
