@@ -353,3 +353,47 @@ EVENT_COPY_COLUMNS = (
     "src_index",
     "ingested_at",
 )
+
+
+def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[float, int]:
+    """The per-event work of the worker (decode, validate, dedup, features, both models' prior) in a plain loop."""
+    from dealpulse.pipelines.contract import ContractRules
+    from dealpulse.pipelines.features import FeatureSpec
+    from dealpulse.pipelines.ingest import Batch, DedupState, SourceRef, process_message
+    from dealpulse.pipelines.scoring import EntityStates, Output, Scorer
+
+    spec = FeatureSpec.default()
+    scorer = Scorer(spec)
+    rules = ContractRules.default()
+    dedup = DedupState()
+    states = EntityStates(lambda entity, key: None, spec.fingerprint)
+    now_ms = int(time.time() * 1000)
+    started = time.perf_counter()
+    events = 0
+    for offset, (_key, value, _items) in enumerate(messages):
+        batch = Batch()
+        process_message(value, SourceRef("bench", 0, offset), rules, dedup, batch, now_ms)
+        out = Output()
+        for event in batch.valid:
+            scorer.process_into(event, states, {}, out)
+        events += len(batch)
+    elapsed = time.perf_counter() - started
+    return events / elapsed, events
+
+
+def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dict[str, Any]:
+    """The full path (ingest + state + both models + store) on one worker, and the framework-free limit."""
+    world = generate_world(seed, n_events)
+    messages = list(pack_messages(world.records(), batch_size))
+    free_rate, _ = framework_free_score_rate(messages)
+    full = bench_ingest(workdir, n_events, seed, batch_size, metrics=True)
+    rate = full["events_per_s"]
+    return {
+        "bench": "score",
+        "events": full["events"],
+        "events_per_message": batch_size,
+        "events_per_s": rate,
+        "framework_free_events_per_s": round(free_rate, 1),
+        "ratio_to_framework_free": round(rate / free_rate, 3) if free_rate else None,
+        "accounted": full["accounted"],
+    }

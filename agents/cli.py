@@ -519,6 +519,25 @@ def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, a
             click.echo(f"{key:>20}  {value}")
 
 
+@bench.command("score")
+@click.option("--events", "n_events", type=click.IntRange(1), default=200_000, show_default=True)
+@click.option("--seed", type=int, default=11, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) -> None:
+    """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run."""
+    from dealpulse.agents.bench import bench_score
+    from dealpulse.agents.embedded import temporary_workdir
+
+    with temporary_workdir() as wd:
+        result = bench_score(wd, n_events, seed, batch_size)
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:>28}  {value}")
+
+
 @bench.command("scale")
 @click.option("--events", "n_events", type=click.IntRange(1), default=300_000, show_default=True)
 @click.option("--seed", type=int, default=11, show_default=True)
