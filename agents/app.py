@@ -59,6 +59,7 @@ class IngestService:
     dedup: DedupState = field(default_factory=DedupState)
     writer: BatchWriter = field(init=False)
     scoring: ScoringService | None = None
+    producer: Any = None  # the app's producer (flushed around changelog end markers)
     stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -138,7 +139,7 @@ class IngestService:
                     self.metrics.kafka_to_score.observe(max(0.0, published - event.message.timestamp))
         await asyncio.get_running_loop().run_in_executor(None, self.writer.write, batch)
         if self.scoring is not None and scored is not None:
-            written = self.scoring.commit_states(events, scored)
+            written = await self.scoring.commit_states(events, scored, self.producer)
             if settings.metrics_enabled:
                 self.metrics.states_written.inc(written)
         if settings.metrics_enabled:
@@ -217,6 +218,7 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     service = IngestService(settings, connect(settings), metrics)
     if settings.scoring_enabled:
         service.scoring = ScoringService(settings, make_tables(app, settings), metrics)
+        service.producer = app.producer
     events_topic = app.topic(
         settings.events_topic,
         key_serializer="raw",

@@ -122,6 +122,7 @@ class EmbeddedStack:
                     "clickhouse_password": self.credentials.writer_password,
                     "data_dir": self.workdir / "worker",
                     "state_store": "memory://",
+                    "changelog_end_markers": True,  # Tansu's high watermark, see ScoringService.commit_states
                     **self.overrides,
                 }
             )

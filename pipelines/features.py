@@ -102,8 +102,10 @@ class FeatureSpec:
         """Changes whenever the features change: state written under another spec is not reused."""
         import hashlib
 
-        text = repr([(f.name, f.entity, f.kind, sorted(f.types), f.props, sorted(f.keywords), f.window_ms, f.prop,
-                      f.status_prop, sorted(f.closed)) for f in self.features])  # fmt: skip
+        # sorted: a frozenset's order changes with the process's hash seed, the fingerprint must not
+        props = [[(name, sorted(map(repr, values))) for name, values in f.props] for f in self.features]
+        text = repr([(f.name, f.entity, f.kind, sorted(f.types), p, sorted(f.keywords), f.window_ms, f.prop,
+                      f.status_prop, sorted(f.closed)) for f, p in zip(self.features, props, strict=True)])  # fmt: skip
         return hashlib.sha1(text.encode()).hexdigest()[:8]
 
     def for_event(self, entity: str, event_type: str) -> tuple[Feature, ...]:

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     snapshots_per_entity: int = Field(3, ge=1, le=20, description="feature snapshots kept for labelling")
     label_guard_s: float = Field(0.0, ge=0, description="snapshots this close before an outcome stay unlabelled")
     state_ttl_days: float = Field(120.0, gt=0, description="entity state idle this long (event time) expires")
+    changelog_end_markers: bool = Field(
+        False, description="end table writes with a marker in its own batch (brokers with a wrong high watermark)"
+    )
     state_store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
 
     # trainer

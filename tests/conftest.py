@@ -57,6 +57,7 @@ def make_settings(services: dict[str, object], workdir: Path) -> Settings:
         # the embedded default: Tansu reports a high watermark one short after multi-record batches, which
         # Faust's RocksDB recovery takes for lost data (ConsistencyError); see README "Known limits"
         state_store="memory://",
+        changelog_end_markers=True,
         topic_partitions=2,
     )
     store = connect(result)

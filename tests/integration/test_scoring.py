@@ -14,7 +14,11 @@ from confluent_kafka import Consumer, TopicPartition
 from dealpulse.agents.evaluate import wait_trainer_caught_up
 from dealpulse.agents.stack import WorkerProcess, produce, start_trainer_process, worker_metric
 from dealpulse.agents.trainer import newest_snapshots
+from dealpulse.pipelines.contract import ContractRules
+from dealpulse.pipelines.features import FeatureSpec
 from dealpulse.pipelines.generator import generate_world, pack_messages
+from dealpulse.pipelines.ingest import Batch, DedupState, SourceRef, process_message
+from dealpulse.pipelines.scoring import EntityStates, Scorer
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store
 from tests.conftest import wait_accounted
@@ -45,6 +49,45 @@ def features_file(tmp_path: Path) -> Path:
     path = tmp_path / "features.yaml"
     path.write_text(shipped.replace("min_labels: 200", "min_labels: 30").replace("min_labels: 100", "min_labels: 10"))
     return path
+
+
+def reference_scores(messages: list[tuple[str, bytes, int]]) -> dict[str, float]:
+    """Every prior score the pipeline should emit, computed by the pure core over the messages in sent order."""
+    spec = FeatureSpec.default()
+    scorer = Scorer(spec)
+    rules = ContractRules.default()
+    dedup = DedupState()
+    states = EntityStates(lambda entity, key: None, spec.fingerprint)
+    scores: dict[str, float] = {}
+    for offset, (_key, value, _items) in enumerate(messages):
+        batch = Batch()
+        process_message(value, SourceRef("t", 0, offset), rules, dedup, batch, now_ms=1_900_000_000_000)
+        for event in batch.valid:
+            scores.update((s.score_id, s.score) for s in scorer.process(event, states, {}).scores)
+    return scores
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_entity_state_survives_a_worker_restart_exactly(
+    settings: Settings, store: Store, start_worker: StartWorker, restart: bool
+) -> None:
+    """Cold scores are a pure function of the features: after a restart they must continue exactly."""
+    messages = list(pack_messages(generate_world(seed=12, target_events=8_000).records(), 50))
+    first, second = messages[: len(messages) // 2], messages[len(messages) // 2 :]
+    worker = start_worker(settings)
+    _, sent_first = produce(settings, first)
+    assert sum(wait_accounted(store, sent_first).values()) == sent_first
+    if restart:
+        worker.stop()
+        start_worker(settings)  # recovers the tables from their changelogs
+    _, sent_second = produce(settings, second)
+    assert sum(wait_accounted(store, sent_first + sent_second).values()) == sent_first + sent_second
+    expected = reference_scores(messages)
+    stored = dict(store.query_rows("SELECT score_id, score FROM scores"))
+    assert len(stored) == len(expected)
+    wrong = [k for k, v in expected.items() if abs(stored.get(k, -1.0) - v) > 1e-6]
+    entities = sorted({k.rsplit(":", 1)[0] for k in wrong})
+    assert not wrong, f"{len(wrong)} of {len(expected)} scores differ, entities {entities[:20]}"
 
 
 def test_scores_flow_the_trainer_learns_and_a_restarted_trainer_resumes_from_the_newest_snapshot(
