@@ -192,22 +192,37 @@ class StoreRequestHandler(BaseHTTPRequestHandler):
         self._handle(b"")
 
     def do_POST(self) -> None:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            body = self._read_chunked()  # clickhouse-connect streams inserts
-        else:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
+        try:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                body = self._read_chunked()  # clickhouse-connect streams inserts
+            else:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self._read_exactly(length) if length else b""
+        except ConnectionError as exc:
+            # a client that died mid-request (e.g. a killed worker): never run half an INSERT
+            log.warning("dropping an incomplete request from %s: %s", self.client_address, exc)
+            self.close_connection = True
+            return
         self._handle(body)
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = self.rfile.read(size)
+        if len(data) != size:
+            raise ConnectionError(f"body ended after {len(data)} of {size} bytes")
+        return data
 
     def _read_chunked(self) -> bytes:
         parts: list[bytes] = []
         while True:
-            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            line = self.rfile.readline()
+            if not line:
+                raise ConnectionError("connection closed before the last chunk")
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
                 while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                     pass  # trailers
                 return b"".join(parts)
-            parts.append(self.rfile.read(size))
+            parts.append(self._read_exactly(size))
             self.rfile.readline()
 
     # --- request handling ----------------------------------------------------------------------------

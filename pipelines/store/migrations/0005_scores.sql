@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS {db}.scores
     scored_at     DateTime64(3, 'UTC')
 )
 ENGINE = MergeTree
-PARTITION BY toYYYYMM(ts)
+-- by scoring time, not event time: a batch of replayed history must not write one part per month it spans
+PARTITION BY toYYYYMM(scored_at)
 ORDER BY (model, entity_id, ts)
 SETTINGS non_replicated_deduplication_window = 10000;
 
