@@ -381,13 +381,75 @@ def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[f
     return events / elapsed, events
 
 
+def histogram_quantile(text: str, name: str, q: float) -> float | None:
+    """``histogram_quantile`` as Prometheus computes it (linear within the bucket), from /metrics text.
+
+    >>> text = 'x_bucket{le="0.01"} 50.0\nx_bucket{le="0.05"} 90.0\nx_bucket{le="+Inf"} 100.0'
+    >>> round(histogram_quantile(text, "x", 0.7), 3)
+    0.03
+    """
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-9)
+        lower, below = bound, count
+    return None
+
+
+def score_latency_at(workdir: Path, messages: list[tuple[str, bytes, int]], events_per_s: float) -> dict[str, Any]:
+    """p50/p99 Kafka append -> scores published, with events offered at ``events_per_s``.
+
+    Batches flush after 20 ms here (latency mode), not after 0.5 s as in throughput mode.
+    """
+    import urllib.request
+
+    with EmbeddedStack(workdir, batch_max_seconds=0.02) as stack:
+        worker = stack.start_worker()
+        wait_worker_ready(worker)
+        _, sent = produce(stack.settings, _paced(messages, events_per_s))
+        stack.wait_accounted(sent, 600)
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    p50 = histogram_quantile(text, "dealpulse_kafka_to_score_seconds", 0.5)
+    p99 = histogram_quantile(text, "dealpulse_kafka_to_score_seconds", 0.99)
+    return {
+        "latency_events_per_s_offered": round(events_per_s, 1),
+        "latency_events": sent,
+        "p50_kafka_to_score_ms": round(p50 * 1000, 1) if p50 is not None else None,
+        "p99_kafka_to_score_ms": round(p99 * 1000, 1) if p99 is not None else None,
+    }
+
+
 def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dict[str, Any]:
-    """The full path (ingest + state + both models + store) on one worker, and the framework-free limit."""
+    """The full path (ingest + state + both models + store) on one worker, the framework-free limit, and the
+    p99 latency at half of the measured rate."""
     world = generate_world(seed, n_events)
     messages = list(pack_messages(world.records(), batch_size))
     free_rate, _ = framework_free_score_rate(messages)
-    full = bench_ingest(workdir, n_events, seed, batch_size, metrics=True)
+    for part in ("throughput", "latency"):
+        (workdir / part).mkdir(parents=True, exist_ok=True)
+    full = bench_ingest(workdir / "throughput", n_events, seed, batch_size, metrics=True)
     rate = full["events_per_s"]
+    # half the rate, for 20 seconds' worth of events (small messages: latency is per event, not per batch)
+    latency_messages = list(pack_messages(world.records(), 10))
+    budget = int(rate / 2 * 20)
+    picked, total = [], 0
+    for message in latency_messages:
+        if total >= budget:
+            break
+        picked.append(message)
+        total += message[2]
+    latency = score_latency_at(workdir / "latency", picked, rate / 2)
     return {
         "bench": "score",
         "events": full["events"],
@@ -396,4 +458,5 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
         "framework_free_events_per_s": round(free_rate, 1),
         "ratio_to_framework_free": round(rate / free_rate, 3) if free_rate else None,
         "accounted": full["accounted"],
+        **latency,
     }

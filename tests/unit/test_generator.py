@@ -55,3 +55,10 @@ def test_latent_variables_do_not_leak_into_events() -> None:
     assert truth["leads"] and truth["accounts"] and truth["opportunities"]
     lead = next(iter(truth["leads"].values()))
     assert 0 <= lead["intent"] <= 1 and isinstance(lead["converts"], bool)
+
+
+def test_the_generator_does_not_leak_its_hidden_truth_into_props() -> None:
+    world = generate_world(seed=2, target_events=5_000)
+    hidden = {"intent", "converts", "churns", "churn_propensity", "stalls", "stall_stage"}
+    for _, _, event in world.events:
+        assert not hidden & set(event["props"]), event
