@@ -382,7 +382,7 @@ def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[f
 
 
 def histogram_quantile(text: str, name: str, q: float) -> float | None:
-    """``histogram_quantile`` as Prometheus computes it (linear within the bucket), from /metrics text.
+    r"""``histogram_quantile`` as Prometheus computes it (linear within the bucket), from /metrics text.
 
     >>> text = 'x_bucket{le="0.01"} 50.0\nx_bucket{le="0.05"} 90.0\nx_bucket{le="+Inf"} 100.0'
     >>> round(histogram_quantile(text, "x", 0.7), 3)
