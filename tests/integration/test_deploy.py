@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 
 from dealpulse.agents.cli import main as cli
 from dealpulse.agents.metrics import IngestMetrics
+from dealpulse.agents.trainer import TrainerMetrics
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store
 
@@ -30,7 +31,8 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def exposed_metric_names() -> set[str]:
-    text = generate_latest(IngestMetrics().registry).decode()
+    """What a worker and the trainer expose."""
+    text = generate_latest(IngestMetrics().registry).decode() + generate_latest(TrainerMetrics().registry).decode()
     return set(re.findall(r"^# TYPE (\w+) ", text, re.MULTILINE))
 
 
