@@ -87,7 +87,10 @@ def test_prometheus_scrapes_a_worker(
         duplicates = value(port, "sum(dealpulse_duplicates_dropped_total)")
         assert stored + dlq + duplicates == sent
         assert {r["metric"]["type"] for r in query(port, "dealpulse_events_stored_total")} >= {"page_view", "quote"}  # type: ignore[index]
-        assert value(port, "sum(dealpulse_store_insert_rows_total)") == stored + dlq + duplicates
+        rows = 'sum(dealpulse_store_insert_rows_total{table=~"events|dlq|duplicates"})'
+        assert value(port, rows) == stored + dlq + duplicates
+        scores = value(port, "sum(dealpulse_scores_total)")
+        assert scores > 0 and value(port, 'sum(dealpulse_store_insert_rows_total{table="scores"})') == scores
         assert value(port, "histogram_quantile(0.99, sum by (le) (dealpulse_kafka_to_stored_seconds_bucket))") > 0
         assert value(port, "sum(dealpulse_consumer_lag_messages)") >= 0
         assert value(port, "process_resident_memory_bytes") > 0
