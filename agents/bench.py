@@ -440,8 +440,8 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
         (workdir / part).mkdir(parents=True, exist_ok=True)
     full = bench_ingest(workdir / "throughput", n_events, seed, batch_size, metrics=True)
     rate = full["events_per_s"]
-    # half the rate, for 20 seconds' worth of events (small messages: latency is per event, not per batch)
-    latency_messages = list(pack_messages(world.records(), 10))
+    # half the rate, for 20 seconds of events, packed like the throughput run
+    latency_messages = messages
     budget = int(rate / 2 * 20)
     picked, total = [], 0
     for message in latency_messages:
