@@ -264,6 +264,8 @@ def demo(n_events: int, seed: int, batch_size: int, as_json: bool, keep_running:
         say(f"store   http://127.0.0.1:{settings.clickhouse_port} (chDB {wd / 'store'})")
         worker_proc = stack.start_worker()
         say(f"worker  pid {worker_proc.pid}, metrics http://127.0.0.1:{worker_proc.metrics_port}/metrics")
+        trainer_proc = stack.start_trainer()
+        say(f"trainer pid {trainer_proc.pid}, metrics http://127.0.0.1:{trainer_proc.metrics_port}/metrics")
         messages = _world_messages(n_events, seed, batch_size)
         stack.wait_worker_ready(worker_proc)
         started = time.monotonic()
@@ -287,7 +289,7 @@ def demo(n_events: int, seed: int, batch_size: int, as_json: bool, keep_running:
         if keep_running:
             _print_connection_help(stack)
             try:
-                while all(p.alive() for p in stack.processes + stack.workers):
+                while all(p.alive() for p in stack.processes + stack.workers + stack.trainers):
                     time.sleep(1)
             except KeyboardInterrupt:
                 say("stopping ...")
