@@ -21,6 +21,10 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         NewTopic(settings.training_topic, 1, settings.topic_replication),
         NewTopic(settings.models_topic, 1, settings.topic_replication, config={"cleanup.policy": "compact"}),
         NewTopic(settings.signals_topic, 1, settings.topic_replication),
+        NewTopic(settings.rules_topic, 1, settings.topic_replication, config={"cleanup.policy": "compact"}),
+        # alerts are keyed by fingerprint: one alert's firing and resolved stay in order
+        NewTopic(settings.alerts_topic, settings.topic_partitions, settings.topic_replication),
+        NewTopic(settings.alerts_dead_topic, 1, settings.topic_replication),
     ]
     missing = [t for t in wanted if t.topic not in existing]
     if not missing:

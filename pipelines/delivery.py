@@ -291,10 +291,16 @@ def _parse_subscribers(text: str, filename: str, environ: Any) -> SubscriberConf
         )
         subscribers.append(
             Subscriber(
-                name, url, secret, tuple(match), policy,
-                timings.get("timeout", 5000) / 1000, timings.get("retry_initial", 1000) / 1000,
-                timings.get("retry_max", 60_000) / 1000, timings.get("retry_window", 3_600_000) / 1000,
-            )  # fmt: skip
+                name,
+                url,
+                secret,
+                tuple(match),
+                policy,
+                timings.get("timeout", 5000) / 1000,
+                timings.get("retry_initial", 1000) / 1000,
+                timings.get("retry_max", 60_000) / 1000,
+                timings.get("retry_window", 3_600_000) / 1000,
+            )
         )
     return SubscriberConfig(tuple(subscribers), filename)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -290,7 +291,7 @@ class Declining(Condition):
         current = (ctx.t - self.offset_ms) // self.period_ms
         counts = ctx.state.get("b", {}).get(self.key, {})
         series = [counts.get(str(current - back), 0) for back in range(self.periods + 1, 0, -1)]
-        ok = all(later < earlier for earlier, later in zip(series, series[1:], strict=False))
+        ok = all(later < earlier for earlier, later in itertools.pairwise(series))
         next_boundary = (current + 1) * self.period_ms + self.offset_ms
         return Result(ok, next_boundary, (), ((f"per_period[{self.key}]", ",".join(map(str, series))),))
 
@@ -357,7 +358,7 @@ class Grade(Condition):
         history = [h for h in ctx.state.get("g", {}).get(self.model, ()) if h[0] <= ctx.t]
         if not history:
             return Result(False)
-        ts, grade, score = history[-1]
+        _ts, grade, score = history[-1]
         values: tuple[tuple[str, Any], ...] = ((f"{self.model}_grade", grade), (f"{self.model}_score", score))
         evidence = tuple({"ts": ms_iso(h[0]), "grade": h[1], "score": h[2]} for h in history[-4:])
         if self.becomes:  # consecutive equal grades are merged, so history[-2] is the grade before
@@ -369,7 +370,9 @@ class Grade(Condition):
         recent = [h for h in history if h[0] > ctx.t - self.within]
         tiers = [GRADES.index(h[1]) for h in recent]
         now = GRADES.index(grade)
-        ok = (self.rises_by and max(tiers) - now >= self.rises_by) or (self.falls_by and now - min(tiers) >= self.falls_by)
+        ok = (self.rises_by and max(tiers) - now >= self.rises_by) or (
+            self.falls_by and now - min(tiers) >= self.falls_by
+        )
         leaves = min(h[0] for h in recent) + self.within if recent else NO_TIMER
         return Result(bool(ok), leaves if ok else NO_TIMER, evidence if ok else (), values)
 
@@ -649,8 +652,20 @@ def _rule_from(raw: dict[str, Any], condition: Condition, path: tuple[Any, ...],
     return Rule(name, entity, severity, tuple(notify), message, condition, cooldown, description)
 
 
-_CONDITIONS = ("all", "any", "not", "count", "sequence", "absent", "declining", "stage", "attribute", "grade", "score",
-               "signal")
+_CONDITIONS = (
+    "all",
+    "any",
+    "not",
+    "count",
+    "sequence",
+    "absent",
+    "declining",
+    "stage",
+    "attribute",
+    "grade",
+    "score",
+    "signal",
+)
 
 
 def _parse_condition(raw: Any, path: tuple[Any, ...], fail: Callable[..., ConfigError]) -> Condition:
@@ -784,7 +799,9 @@ def _parse_match(raw: Any, path: tuple[Any, ...], fail: Callable[..., ConfigErro
             for op, operand in test.items():
                 if op not in _PROP_OPS:
                     raise fail((*path, "props", name, op), f"unknown comparison {op!r}; one of {', '.join(_PROP_OPS)}")
-                props.append((str(name), str(op), tuple(operand) if op == "in" and isinstance(operand, list) else operand))
+                props.append(
+                    (str(name), str(op), tuple(operand) if op == "in" and isinstance(operand, list) else operand)
+                )
         else:
             props.append((str(name), "eq", test))
     keywords = raw.get("keywords") or []

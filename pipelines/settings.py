@@ -104,6 +104,23 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(5.0, gt=0, description="... or this long after the first unpublished one")
     trainer_metrics_port: int = Field(9465, ge=0, description="the trainer's /metrics port; 0 picks a free one")
 
+    # alerts: rules, the alerter (rules + stall timers) and the notifier (webhooks)
+    rules_path: Path | None = Field(None, description="rules file or directory; the alerter publishes changes")
+    rules_topic: str = Field("dealpulse.rules", description="published rule versions, compacted")
+    alerts_topic: str = Field("dealpulse.alerts", description="alert state changes: the subscribers' contract")
+    alerts_dead_topic: str = Field("dealpulse.alerts.dead", description="notifications no retry could deliver")
+    alerter_group: str = "dealpulse-alerter"
+    alert_allowed_lateness_s: float = Field(60.0, ge=0, description="event-time lateness before timers fire")
+    alert_idle_advance_s: float = Field(
+        30.0, ge=0, description="a partition idle this long advances its watermark with wall-clock; 0: never"
+    )
+    alerter_checkpoint_s: float = Field(2.0, gt=0, description="how often rule state and alerts are stored")
+    alerter_metrics_port: int = Field(9466, ge=0)
+    subscribers_file: Path | None = Field(None, description="webhook subscribers (YAML); none: topic only")
+    notifier_group: str = "dealpulse-notifier"
+    notifier_port: int = Field(9467, ge=0, description="the notifier's /metrics and POST /feedback port")
+    notifier_public_url: str = Field("", description="base URL subscribers post feedback to")
+
     # sink
     batch_max_messages: int = Field(500, ge=1, description="flush after this many Kafka messages ...")
     batch_max_seconds: float = Field(0.5, gt=0, description="... or after this long, whichever first")
