@@ -586,3 +586,223 @@ def bench_query_cmd(n_events: int, seed: int, chunk_events: int, as_json: bool) 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- alerts ---------------------------------------------------------------------------------------------------
+
+
+def _setup_logging(settings: Settings, name: str) -> None:
+    logging.basicConfig(level=settings.log_level.upper().replace("WARN", "WARNING"),
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")  # fmt: skip
+
+
+@main.command()
+def alerter() -> None:
+    """Run the alerter: rules and stage-stall timers over events, scores and signals -> the alerts topic.
+
+    Scale like workers (same DEALPULSE_ALERTER_GROUP, up to the partition count). Rules: the newest version on the
+    rules topic; with DEALPULSE_RULES_PATH the alerter also watches that file or directory and publishes changes.
+    """
+    from dealpulse.agents.alerter import serve_alerter
+    from dealpulse.agents.kafka_admin import ensure_topics
+
+    settings = Settings()
+    _setup_logging(settings, "alerter")
+    ensure_topics(settings)
+    serve_alerter(settings)
+
+
+@main.command()
+def notifier() -> None:
+    """Run the notifier: alerts -> webhook subscribers (DEALPULSE_SUBSCRIBERS_FILE), grouped, signed, retried.
+
+    Also serves POST /feedback (a subscriber's accepted/rejected verdict on an alert) and /metrics.
+    """
+    from dealpulse.agents.kafka_admin import ensure_topics
+    from dealpulse.agents.notifier import serve_notifier
+    from dealpulse.pipelines.config_errors import ConfigError
+
+    settings = Settings()
+    _setup_logging(settings, "notifier")
+    ensure_topics(settings)
+    try:
+        serve_notifier(settings)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+
+@main.group()
+def rules() -> None:
+    """Alert rules: check a rules file or directory, publish it to every alerter."""
+
+
+def _load_rules(path: Path) -> Any:
+    from dealpulse.pipelines.config_errors import ConfigError
+    from dealpulse.pipelines.rules import RuleSet
+
+    try:
+        return RuleSet.load(path)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+
+@rules.command("check")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def rules_check(path: Path) -> None:
+    """Check a rules file or directory; exits non-zero with file:line:column on the first error."""
+    ruleset = _load_rules(path)
+    click.echo(f"{path}: {len(ruleset.rules)} rules, version {ruleset.version}")
+    for rule in ruleset.rules:
+        click.echo(f"  {rule.name:<28} {rule.entity:<12} {rule.severity:<9} -> {', '.join(rule.notify)}")
+
+
+@rules.command("publish")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def rules_publish(path: Path) -> None:
+    """Validate and publish rules to the rules topic: every running alerter switches to this version."""
+    from dealpulse.agents.alerter import publish_rules
+    from dealpulse.agents.kafka_admin import ensure_topics
+
+    ruleset = _load_rules(path)
+    settings = Settings()
+    ensure_topics(settings)
+    publish_rules(settings, ruleset)
+    click.echo(f"published rules version {ruleset.version} ({len(ruleset.rules)} rules) to {settings.rules_topic}")
+
+
+@main.group()
+def alerts() -> None:
+    """Alerts: follow them live, manage silences."""
+
+
+@alerts.command("tail")
+@click.option("--from-beginning", is_flag=True, help="start with the oldest alert on the topic")
+@click.option("--rule", "rule_names", multiple=True, help="only these rules (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="one alert JSON per line")
+@click.option("--limit", type=click.IntRange(1), help="stop after this many alerts")
+@click.option("--timeout", type=float, help="stop after this many seconds without a new alert")
+def alerts_tail(from_beginning: bool, rule_names: tuple[str, ...], as_json: bool, limit: int | None,
+                timeout: float | None) -> None:  # fmt: skip
+    """Follow the alerts topic live (Ctrl-C to stop)."""
+    import time as _time
+    import uuid
+
+    from confluent_kafka import Consumer
+
+    settings = Settings()
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"dealpulse-tail-{uuid.uuid4()}",
+                         "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest" if from_beginning else "latest"})  # fmt: skip
+    consumer.subscribe([settings.alerts_topic])
+    shown, last = 0, _time.monotonic()
+    colours = {"critical": "red", "warning": "yellow", "info": "cyan"}
+    try:
+        while limit is None or shown < limit:
+            message = consumer.poll(0.5)
+            if message is None or message.error():
+                if timeout is not None and _time.monotonic() - last > timeout:
+                    break
+                continue
+            alert = orjson.loads(message.value() or b"{}")
+            if rule_names and alert.get("rule") not in rule_names:
+                continue
+            last = _time.monotonic()
+            shown += 1
+            if as_json:
+                click.echo(orjson.dumps(alert).decode())
+                continue
+            status = alert["status"].upper()
+            when = alert["ends_at"] if alert["status"] == "resolved" else alert["starts_at"]
+            muted = " (silenced)" if alert.get("silenced_by") else ""
+            head = click.style(f"{status:<8} {alert['severity']:<8}", fg=colours.get(alert["severity"]), bold=True)
+            click.echo(f"{head} {when}  {alert['rule']}  {alert['entity']}:{alert['entity_id']}{muted}")
+            click.echo(f"         {alert['message']}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+
+
+@alerts.group("silence")
+def silence() -> None:
+    """Silences mute matching alerts until they end (matchers: rule=x, team!=y, rule=~stage_.*)."""
+
+
+@silence.command("add")
+@click.argument("matchers", nargs=-1, required=True)
+@click.option("--for", "duration", default="2h", show_default=True, help="how long: 30m, 2h, 3d")
+@click.option("--until", "until", help="end time instead of --for (ISO 8601)")
+@click.option("--comment", default="", help="why")
+@click.option("--by", "created_by", default=lambda: os.environ.get("USER", ""), help="who")
+def silence_add(matchers: tuple[str, ...], duration: str, until: str | None, comment: str, created_by: str) -> None:
+    """Create a silence, e.g. `dealpulse alerts silence add rule=stage_stall team=team-3 --for 1d`."""
+    import time as _time
+    import uuid
+
+    from dealpulse.pipelines.calendar import Duration
+    from dealpulse.pipelines.delivery import Matcher
+    from dealpulse.pipelines.store.client import connect
+
+    try:
+        parsed = [Matcher.parse(m) for m in matchers]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="MATCHERS") from error
+    now = datetime.now(UTC)
+    if until:
+        ends = _parse_moment(until)
+    else:
+        try:
+            ends = datetime.fromtimestamp(_time.time() + Duration.parse(duration).ms / 1000, UTC)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--for") from error
+    if ends is None or ends <= now:
+        raise click.BadParameter("the silence must end in the future", param_hint="--until")
+    silence_id = uuid.uuid4().hex[:12]
+    store_ = connect(Settings())
+    store_.insert("silences", [(silence_id, [str(m) for m in parsed], now, ends, created_by, comment, now)],
+                  ("silence_id", "matchers", "starts_at", "ends_at", "created_by", "comment", "updated_at"))  # fmt: skip
+    click.echo(f"silence {silence_id}: {' '.join(map(str, parsed))} until {ends.isoformat(timespec='seconds')}")
+
+
+@silence.command("list")
+@click.option("--all", "show_all", is_flag=True, help="include expired silences")
+@click.option("--json", "as_json", is_flag=True)
+def silence_list(show_all: bool, as_json: bool) -> None:
+    """List active silences (with --all: expired ones too)."""
+    from dealpulse.pipelines.store.client import connect
+
+    rows = connect(Settings()).query_rows(
+        "SELECT silence_id, matchers, starts_at, ends_at, created_by, comment, ends_at > now64(3) AS active "
+        "FROM silences FINAL ORDER BY starts_at"
+    )
+    listed = [r for r in rows if show_all or r[6]]
+    if as_json:
+        keys = ("silence_id", "matchers", "starts_at", "ends_at", "created_by", "comment", "active")
+        click.echo(orjson.dumps([dict(zip(keys, r, strict=True)) for r in listed], default=str).decode())
+        return
+    if not listed:
+        click.echo("no active silences" if not show_all else "no silences")
+    for silence_id, matchers, _starts, ends, created_by, comment, active in listed:
+        state = "active " if active else "expired"
+        click.echo(f"{silence_id}  {state}  until {ends:%Y-%m-%d %H:%M} UTC  {' '.join(matchers)}  "
+                   f"by {created_by or '-'}  {comment}".rstrip())  # fmt: skip
+
+
+@silence.command("expire")
+@click.argument("silence_id")
+def silence_expire(silence_id: str) -> None:
+    """End a silence now."""
+    from dealpulse.pipelines.store.client import connect
+
+    store_ = connect(Settings())
+    rows = store_.query_rows(
+        "SELECT matchers, starts_at, created_by, comment FROM silences FINAL WHERE silence_id = {i:String}",
+        {"i": silence_id},
+    )
+    if not rows:
+        raise click.ClickException(f"no silence {silence_id!r} (see `dealpulse alerts silence list --all`)")
+    matchers, starts, created_by, comment = rows[0]
+    now = datetime.now(UTC)
+    store_.insert("silences", [(silence_id, matchers, starts, now, created_by, comment, now)],
+                  ("silence_id", "matchers", "starts_at", "ends_at", "created_by", "comment", "updated_at"))  # fmt: skip
+    click.echo(f"silence {silence_id} expired")
