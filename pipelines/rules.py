@@ -368,6 +368,8 @@ class Grade(Condition):
             ok = (self.above is None or score > self.above) and (self.below is None or score < self.below)
             return Result(ok, evidence=evidence if ok else (), values=values)
         recent = [h for h in history if h[0] > ctx.t - self.within]
+        if not recent:
+            return Result(False, values=values)
         tiers = [GRADES.index(h[1]) for h in recent]
         now = GRADES.index(grade)
         ok = (self.rises_by and max(tiers) - now >= self.rises_by) or (

@@ -162,3 +162,18 @@ def test_subscribers_file_errors_name_the_place_and_secrets_come_from_the_enviro
     assert config.route({"severity": "info"}) == []
     with pytest.raises(ConfigError, match="group_wait"):
         SubscriberConfig.parse("subscribers: [{name: a, url: 'http://x', secret: k, group_wait: 5wd}]", "s.yaml")
+
+
+def test_a_grade_jump_resolves_once_its_scores_leave_the_window() -> None:
+    rules = RuleSet.parse("rules: [{name: up, entity: account, when: {grade: {model: churn, rises_by: 2, within: 1d}}}]",
+                          "r.yaml")  # fmt: skip
+    engine, state = RuleEngine(rules), PartitionState()
+    day = 86_400_000
+
+    def score(ts: int, grade: str) -> dict[str, object]:
+        return {"model": "churn", "entity": "account", "entity_id": "a", "account_id": "a", "ts_ms": ts,
+                "score": 0.5, "grade": grade}  # fmt: skip
+
+    assert engine.on_score(state, score(0, "D")) == []
+    assert [a["status"] for a in engine.on_score(state, score(1000, "B"))] == ["firing"]
+    assert [a["status"] for a in engine.advance(state, 3 * day)] == ["resolved"]

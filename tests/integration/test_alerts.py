@@ -1,0 +1,282 @@
+"""Alerts end to end on real parts: Tansu, the alerter and the notifier, chDB, and real HTTP receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from dealpulse.agents.alerter import Alerter, publish_rules
+from dealpulse.agents.notifier import Notifier
+from dealpulse.pipelines.contract import ContractRules, Event, validate_event
+from dealpulse.pipelines.delivery import SubscriberConfig, signature_headers, verify_signature
+from dealpulse.pipelines.rules import PartitionState, RuleEngine, RuleSet
+from dealpulse.pipelines.settings import Settings
+from dealpulse.pipelines.store.client import Store
+from tests.alert_scenarios import BASE, DRIFT_SIGNAL, EXPECTED_FIRING, EXPECTED_RESOLVED, rule_stories, score_stories
+
+pytestmark = pytest.mark.integration
+
+
+class Receiver:
+    """A local webhook receiver; ``fail`` makes it answer 500 to everything."""
+
+    def __init__(self, fail: bool) -> None:
+        self.requests: list[tuple[float, dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append((time.time(), dict(self.headers), body))
+                self.send_response(500 if fail else 200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return [a for _, _, body in self.requests for a in orjson.loads(body)["alerts"]]
+
+
+@pytest.fixture
+def receivers() -> Iterator[tuple[Receiver, Receiver]]:
+    good, broken = Receiver(fail=False), Receiver(fail=True)
+    yield good, broken
+    good.server.shutdown()
+    broken.server.shutdown()
+
+
+class Running:
+    """The alerter (a thread) and the notifier (an asyncio loop in a thread), stoppable and restartable."""
+
+    def __init__(self, settings: Settings, config: SubscriberConfig) -> None:
+        self.settings, self.config = settings, config
+        self.alerter_stop = threading.Event()
+        self.alerter = self._start_alerter()
+        self.notifier_loop: asyncio.AbstractEventLoop | None = None
+        self.notifier_stop: asyncio.Event | None = None
+        self.notifier: Notifier | None = None
+        self.notifier_thread = threading.Thread(target=self._notify, daemon=True)
+        self.notifier_thread.start()
+
+    def _start_alerter(self) -> threading.Thread:
+        self.alerter_stop = threading.Event()
+        thread = threading.Thread(target=Alerter(self.settings).run, args=(self.alerter_stop,), daemon=True)
+        thread.start()
+        return thread
+
+    def restart_alerter(self) -> None:
+        self.alerter_stop.set()
+        self.alerter.join(30)
+        assert not self.alerter.is_alive()
+        self.alerter = self._start_alerter()
+
+    def _notify(self) -> None:
+        async def main() -> None:
+            self.notifier_loop = asyncio.get_running_loop()
+            self.notifier_stop = asyncio.Event()
+            self.notifier = Notifier(self.settings, self.config)
+            await self.notifier.run(self.notifier_stop, port=0)
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        self.alerter_stop.set()
+        if self.notifier_loop is not None and self.notifier_stop is not None:
+            self.notifier_loop.call_soon_threadsafe(self.notifier_stop.set)
+        self.alerter.join(30)
+        self.notifier_thread.join(30)
+
+
+def send(settings: Settings, topic: str, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for value in values:
+        producer.produce(topic, value=value, partition=0)
+    assert producer.flush(30) == 0
+
+
+def read_alerts(settings: Settings, until: Any, timeout: float = 90) -> list[dict[str, Any]]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "test-read-alerts"})
+    partitions = consumer.list_topics(settings.alerts_topic, timeout=10).topics[settings.alerts_topic].partitions
+    consumer.assign([TopicPartition(settings.alerts_topic, p, 0) for p in partitions])
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(seen):
+        seen.extend(orjson.loads(m.value()) for m in consumer.consume(500, 0.3) if not m.error())
+    consumer.close()
+    return seen
+
+
+def expected_alerts(events: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """What the pure engine raises on the same inputs: the alerter must agree exactly."""
+    engine, state = RuleEngine(RuleSet.load(None), allowed_lateness_ms=0), PartitionState()
+    rules = ContractRules.default()
+    alerts = [a for s in score_stories() for a in engine.on_score(state, s)]
+    for raw in events:
+        event = validate_event(raw, rules, now_ms=1_900_000_000_000)
+        assert isinstance(event, Event)
+        alerts += engine.on_event(state, event)
+    return {(a["alert_id"], a["status"]) for a in alerts}  # model_drift is on wall-clock time: checked apart
+
+
+def test_every_default_rule_reaches_the_topic_the_store_and_webhooks_across_an_alerter_restart(
+    settings: Settings, store: Store, receivers: tuple[Receiver, Receiver], tmp_path: Path
+) -> None:
+    good, broken = receivers
+    settings = settings.model_copy(update={"alert_idle_advance_s": 0.0, "alerter_checkpoint_s": 0.3,
+                                           "alert_allowed_lateness_s": 0.0})  # fmt: skip
+    config = SubscriberConfig.parse(f"""
+defaults: {{group_wait: 0s, group_interval: 1s, repeat_interval: 1h, group_by: [rule, entity_id]}}
+subscribers:
+  - {{name: sales, url: "{good.url}", secret: good-secret}}
+  - {{name: flaky, url: "{broken.url}", secret: flaky-secret, retry_initial: 0.1s, retry_max: 0.3s,
+      retry_window: 2s, match: {{severity: [critical, warning]}}}}
+""", "subscribers.yaml")  # fmt: skip
+    now = datetime.now(UTC)
+    store.insert("silences", [("s-usage", ["rule=usage_declining"], now, now + timedelta(hours=1), "test", "", now)],
+                 ("silence_id", "matchers", "starts_at", "ends_at", "created_by", "comment", "updated_at"))  # fmt: skip
+    events = rule_stories()
+    expected = expected_alerts(events)
+    assert set(EXPECTED_FIRING) - {"model_drift"} <= _rules_of(expected)
+    running = Running(settings, config)
+    try:
+        send(settings, settings.scores_topic, [orjson.dumps([s]) for s in score_stories()])
+        send(settings, settings.signals_topic, [orjson.dumps(DRIFT_SIGNAL)])
+        half = len(events) // 2
+        send(settings, settings.events_topic, [orjson.dumps(e) for e in events[:half]])
+        read_alerts(settings, lambda seen: any(a["rule"] == "high_intent" for a in seen))
+        running.restart_alerter()  # resumes from its checkpoint: nothing lost, nothing new
+        send(settings, settings.events_topic, [orjson.dumps(e) for e in events[half:]])
+        alerts = read_alerts(settings, lambda seen: {(a["alert_id"], a["status"]) for a in seen} >= expected)
+        drift = [a for a in alerts if a["rule"] == "model_drift"]
+        assert [(a["status"], a["entity_id"], a["recipients"]) for a in drift] == [("firing", "intent", [{"role": "ops"}])]
+        got = {(a["alert_id"], a["status"]) for a in alerts if a["rule"] != "model_drift"}
+        assert got == expected
+        expected |= {(a["alert_id"], a["status"]) for a in drift}
+        for rule, entity in EXPECTED_FIRING.items():
+            assert any(a["rule"] == rule and a["entity_id"] == entity for a in alerts), rule
+        for rule, entity in EXPECTED_RESOLVED.items():
+            assert any(a["rule"] == rule and a["entity_id"] == entity and a["status"] == "resolved" for a in alerts)
+        assert all(a["silenced_by"] == ["s-usage"] for a in alerts if a["rule"] == "usage_declining")
+
+        # webhooks: the healthy subscriber hears the newest state of every unsilenced alert (grouping sends the
+        # latest state of each alert in a group, as Alertmanager does), signed, while the other one fails
+        newest = {a["fingerprint"]: (a["alert_id"], a["status"]) for a in alerts if not a.get("silenced_by")}
+
+        def heard() -> dict[str, tuple[str, str]]:
+            return {a["fingerprint"]: (a["alert_id"], a["status"]) for a in good.alerts()}
+
+        deadline = time.monotonic() + 60
+        while heard() != newest and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert heard() == newest
+        assert all(a["rule"] != "usage_declining" for a in good.alerts())
+        for _, headers, body in good.requests:
+            assert verify_signature("good-secret", headers, body, int(time.time()))
+        assert broken.requests, "the failing subscriber was tried"
+        rows = _wait_rows(store, "SELECT subscriber, outcome, count() FROM alert_deliveries GROUP BY ALL",
+                          lambda r: ("flaky", "dead") in {(s, o) for s, o, _ in r}
+                          and ("sales", "delivered", len(good.requests)) in r)  # fmt: skip
+        outcomes = {(s, o): n for s, o, n in rows}
+        assert outcomes.get(("sales", "delivered"), 0) == len(good.requests)
+        assert ("sales", "retry") not in outcomes and ("sales", "dead") not in outcomes
+        assert outcomes[("flaky", "retry")] >= outcomes[("flaky", "dead")] >= 1
+        first_good = min(t for t, _, _ in good.requests)
+        first_bad = min(t for t, _, _ in broken.requests)
+        assert first_good - first_bad < 2.0, "the healthy subscriber is not held up by the failing one"
+
+        # the store has every alert change, once
+        stored = store.query_rows("SELECT alert_id, status FROM alerts FINAL")
+        assert set(stored) == expected and len(stored) == len(expected)
+
+        # feedback: a signed verdict becomes a feedback event on the events topic
+        assert running.notifier is not None
+        target = next(a for a in alerts if a["rule"] == "high_intent")
+        body = orjson.dumps({"alert_id": target["alert_id"], "account_id": target["account_id"],
+                             "lead_id": target["lead_id"], "verdict": "accepted"})  # fmt: skip
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{running.notifier.port}/feedback", data=body, method="POST",
+            headers={"X-Dealpulse-Subscriber": "sales", **signature_headers("good-secret", body, int(time.time()))},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 202
+        feedback = _last_events(settings)
+        assert any(e["type"] == "feedback" and e["props"] == {"ref_id": target["alert_id"], "verdict": "accepted"}
+                   for e in feedback)  # fmt: skip
+    finally:
+        running.stop()
+
+
+def test_a_published_rules_version_reaches_the_running_alerter(settings: Settings, store: Store) -> None:
+    settings = settings.model_copy(update={"alert_idle_advance_s": 0.0, "alerter_checkpoint_s": 0.3})
+    running = Running(settings, SubscriberConfig(()))
+    try:
+        time.sleep(2)
+        rules = RuleSet.parse("rules: [{name: any_download, entity: lead, message: 'got {entity_id}', "
+                              "when: {count: {match: {type: download}, within: 1d}}}]", "hot.yaml")  # fmt: skip
+        publish_rules(settings, rules)
+        event = {"event_id": "d-1", "type": "download", "ts": BASE.isoformat(), "account_id": "acme",
+                 "lead_id": "lead-9", "props": {"asset_id": "a", "asset_kind": "whitepaper"}}  # fmt: skip
+        deadline = time.monotonic() + 30
+        alerts: list[dict[str, Any]] = []
+        while not alerts and time.monotonic() < deadline:  # the swap is asynchronous: send until it shows
+            send(settings, settings.events_topic, [orjson.dumps({**event, "event_id": f"d-{time.time_ns()}"})])
+            alerts = read_alerts(settings, lambda seen: any(a["rule"] == "any_download" for a in seen), timeout=3)
+        hot = [a for a in alerts if a["rule"] == "any_download"]
+        assert hot and hot[0]["rule_version"] == rules.version and hot[0]["message"] == "got lead-9"
+    finally:
+        running.stop()
+
+
+def _rules_of(expected: set[tuple[str, str]]) -> set[str]:
+    from dealpulse.pipelines.rules import fingerprint
+
+    names = {}
+    for rule, entity in EXPECTED_FIRING.items():
+        kind = {"lead-1": "lead", "lead-6": "lead", "acme": "account", "beta": "account", "intent": "model"}.get(
+            entity, "opportunity"
+        )
+        names[fingerprint(rule, kind, entity)] = rule
+    return {names[a.split("-")[0]] for a, _ in expected if a.split("-")[0] in names}
+
+
+def _fingerprint_of(alerts: list[dict[str, Any]], rule: str) -> str:
+    return next(a["fingerprint"] for a in alerts if a["rule"] == rule)
+
+
+def _wait_rows(store: Store, sql: str, done: Any, timeout: float = 60) -> list[tuple[Any, ...]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = store.query_rows(sql)
+        if done(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.3)
+
+
+def _last_events(settings: Settings) -> list[dict[str, Any]]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "test-read-events"})
+    partitions = consumer.list_topics(settings.events_topic, timeout=10).topics[settings.events_topic].partitions
+    consumer.assign([TopicPartition(settings.events_topic, p, 0) for p in partitions])
+    out: list[dict[str, Any]] = []
+    idle = 0
+    while idle < 4:
+        batch = [m for m in consumer.consume(500, 0.5) if not m.error()]
+        idle = 0 if batch else idle + 1
+        out.extend(orjson.loads(m.value()) for m in batch)
+    consumer.close()
+    return out
