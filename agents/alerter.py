@@ -219,9 +219,10 @@ class Alerter:
     def handle(self, message: Message) -> None:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         s = self.settings
-        slot_id = partition + SIGNALS_SLOT if topic == s.signals_topic else partition
-        slot = self.slots.get(slot_id)
-        if slot is None or offset is None or partition is None:
+        if offset is None or partition is None:
+            return
+        slot = self.slots.get(partition + SIGNALS_SLOT if topic == s.signals_topic else partition)
+        if slot is None:
             return
         if offset < slot.offsets.get(topic or "", 0):
             return  # already covered by the checkpoint
@@ -249,7 +250,7 @@ class Alerter:
             _kind, ts_ms = message.timestamp()
             alerts.extend(self.engine.on_signal(slot.state, orjson.loads(raw), int(ts_ms)))
         self.emit(alerts, message.timestamp()[1] / 1000)
-        self.metrics.watermark.labels(str(slot_id)).set(slot.state.watermark / 1000)
+        self.metrics.watermark.labels(f"{topic}[{partition}]").set(slot.state.watermark / 1000)
 
     def advance_idle(self) -> None:
         """Live mode: a partition with nothing new for a while moves its watermark with wall-clock."""

@@ -96,6 +96,8 @@ def _compare(value: Any, op: str, operand: Any) -> bool:
         return value in operand
     if value is None or isinstance(value, bool):
         return False
+    left: Any
+    right: Any
     try:
         left, right = (float(value), float(operand)) if not isinstance(operand, str) else (str(value), operand)
     except (TypeError, ValueError):
@@ -961,7 +963,7 @@ class RuleEngine:
             items = kept.setdefault(key, [])
             if any(m[1] == event.event_id for m in items):
                 continue  # a duplicate delivery counts once
-            brief = {k: event.props[k] for k in ("page_category", "asset_kind", "initiated_by", "revision", "to_stage",
+            brief: dict[str, Any] = {k: event.props[k] for k in ("page_category", "asset_kind", "initiated_by", "revision", "to_stage",
                                                    "severity", "feature") if k in event.props}  # fmt: skip
             if event.keywords:
                 brief["keywords"] = list(event.keywords)

@@ -25,10 +25,22 @@ def rule_stories() -> list[dict[str, Any]]:
     h, d = timedelta(hours=1), timedelta(days=1)
     contract_end = (BASE + 40 * d).date().isoformat()
     items: list[tuple[timedelta, str, str, dict[str, Any], str, str]] = [
-        (0 * h, "account_update", "acme", {"region": "EMEA", "owner": "rep-01", "team": "team-1",
-                                            "contract_end": contract_end}, "", ""),
-        (0 * h, "account_update", "beta", {"region": "NA", "owner": "rep-02", "team": "team-2",
-                                            "contract_end": (BASE + 300 * d).date().isoformat()}, "", ""),
+        (
+            0 * h,
+            "account_update",
+            "acme",
+            {"region": "EMEA", "owner": "rep-01", "team": "team-1", "contract_end": contract_end},
+            "",
+            "",
+        ),
+        (
+            0 * h,
+            "account_update",
+            "beta",
+            {"region": "NA", "owner": "rep-02", "team": "team-2", "contract_end": (BASE + 300 * d).date().isoformat()},
+            "",
+            "",
+        ),
         # high_intent: spec twice in 3 days, a whitepaper and a customer-booked meeting
         (1 * h, "page_view", "acme", {"url": "/spec/1", "page_category": "product_spec"}, "lead-1", ""),
         (2 * h, "page_view", "acme", {"url": "/spec/2", "page_category": "product_spec"}, "lead-1", ""),
@@ -39,13 +51,31 @@ def rule_stories() -> list[dict[str, Any]]:
         (6 * h, "page_view", "acme", {"url": "/vs/2", "page_category": "competitor"}, "lead-2", ""),
         (7 * h, "page_view", "acme", {"url": "/vs/3", "page_category": "competitor"}, "lead-2", ""),
         # contract_review_stalled + stage_stall: into contract review, then silence
-        (0 * h, "stage_change", "acme", {"from_stage": "negotiation", "to_stage": "contract_review"}, "lead-3",
-         "opp-3"),
+        (
+            0 * h,
+            "stage_change",
+            "acme",
+            {"from_stage": "negotiation", "to_stage": "contract_review"},
+            "lead-3",
+            "opp-3",
+        ),
         # quote_revision_overdue: a quote, the customer pushes back on price, no second quote
-        (1 * h, "quote", "acme", {"quote_id": "q-4", "revision": 1, "amount": 1000.0, "currency": "EUR"}, "lead-4",
-         "opp-4"),
-        (2 * h, "chat_message", "acme", {"channel": "email", "direction": "inbound",
-                                          "text": "Our budget is tight, can you do better?"}, "lead-4", "opp-4"),
+        (
+            1 * h,
+            "quote",
+            "acme",
+            {"quote_id": "q-4", "revision": 1, "amount": 1000.0, "currency": "EUR"},
+            "lead-4",
+            "opp-4",
+        ),
+        (
+            2 * h,
+            "chat_message",
+            "acme",
+            {"channel": "email", "direction": "inbound", "text": "Our budget is tight, can you do better?"},
+            "lead-4",
+            "opp-4",
+        ),
         # usage_declining on beta: 6, 4, 2 uses in three weeks running
         *[(k * 4 * h, "feature_use", "beta", {"feature": "api"}, "", "") for k in range(6)],
         *[(7 * d + k * 4 * h, "feature_use", "beta", {"feature": "api"}, "", "") for k in range(4)],
@@ -63,6 +93,7 @@ def rule_stories() -> list[dict[str, Any]]:
 def score_stories() -> list[dict[str, Any]]:
     """Scores as the worker publishes them: an intent grade jumping to A, a churn grade rising two tiers."""
     t = int(BASE.timestamp() * 1000)
+
     def score(n: int, model: str, entity: str, entity_id: str, account: str, value: float, grade: str,
               at_h: int) -> dict[str, Any]:  # fmt: skip
         return {"score_id": f"{entity}:{entity_id}:x{n}", "model": model, "entity": entity, "entity_id": entity_id,

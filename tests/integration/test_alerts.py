@@ -36,7 +36,7 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.requests.append((time.time(), dict(self.headers), body))
                 self.send_response(500 if fail else 200)
@@ -164,7 +164,9 @@ subscribers:
         send(settings, settings.events_topic, [orjson.dumps(e) for e in events[half:]])
         alerts = read_alerts(settings, lambda seen: {(a["alert_id"], a["status"]) for a in seen} >= expected)
         drift = [a for a in alerts if a["rule"] == "model_drift"]
-        assert [(a["status"], a["entity_id"], a["recipients"]) for a in drift] == [("firing", "intent", [{"role": "ops"}])]
+        assert [(a["status"], a["entity_id"], a["recipients"]) for a in drift] == [
+            ("firing", "intent", [{"role": "ops"}])
+        ]
         got = {(a["alert_id"], a["status"]) for a in alerts if a["rule"] != "model_drift"}
         assert got == expected
         expected |= {(a["alert_id"], a["status"]) for a in drift}
