@@ -540,6 +540,22 @@ def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) ->
             click.echo(f"{key:>28}  {value}")
 
 
+@bench.command("alerts")
+@click.option("--events", "n_events", type=click.IntRange(1), default=100_000, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_alerts_cmd(n_events: int, seed: int, as_json: bool) -> None:
+    """Rule engine rate, alert volume with and without grouping, stall precision against the world's truth."""
+    from dealpulse.agents.bench import bench_alerts
+
+    result = bench_alerts(n_events, seed)
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:>32}  {value}")
+
+
 @bench.command("scale")
 @click.option("--events", "n_events", type=click.IntRange(1), default=300_000, show_default=True)
 @click.option("--seed", type=int, default=11, show_default=True)
