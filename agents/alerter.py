@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from dealpulse.pipelines.store.client import Store, connect
 
 log = logging.getLogger(__name__)
 
+SOURCE_TS_HEADER = "dealpulse.source_ts_ms"
 SIGNALS_SLOT = 10_000  # checkpoint slot of signals partition p: p + SIGNALS_SLOT (events use p)
 ALERT_COLUMNS = (
     "alert_id", "fingerprint", "status", "rule", "rule_version", "severity", "entity", "entity_id", "account_id",
@@ -50,6 +52,8 @@ class AlerterMetrics:
                               registry=r)  # fmt: skip
         self.silenced = Counter("dealpulse_alerts_silenced_total", "alerts published muted by a silence", ["rule"],
                                 registry=r)  # fmt: skip
+        self.errors = Counter("dealpulse_alerter_errors_total", "inputs the rule engine failed on (logged, skipped)",
+                              ["input"], registry=r)  # fmt: skip
         self.consumed = Counter("dealpulse_alerter_messages_total", "messages consumed", ["topic"], registry=r)
         self.skipped = Counter("dealpulse_alerter_items_skipped_total",
                                "invalid items ignored (the worker sends them to the DLQ)", registry=r)  # fmt: skip
@@ -100,6 +104,7 @@ class PartitionSlot:
     state: PartitionState
     offsets: dict[str, int] = field(default_factory=dict)  # topic -> next offset to read
     last_message: float = field(default_factory=time.monotonic)
+    dirty: bool = False  # consumed something since the last checkpoint
 
 
 class Alerter:
@@ -119,6 +124,9 @@ class Alerter:
                                   "linger.ms": 2})  # fmt: skip
         self._watched: tuple[float, ...] | None = None
         self.published = 0
+        self._writes: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._lock = threading.Lock()
+        self._committable: list[TopicPartition] = []
 
     def _engine(self, rules: RuleSet) -> RuleEngine:
         self.metrics.rules_version.clear()
@@ -176,38 +184,67 @@ class Alerter:
                     for p, offsets, state in rows}  # fmt: skip
         return {slot: restored.get(slot) or PartitionSlot(PartitionState()) for slot in slot_ids}
 
-    def checkpoint(self, consumer: Consumer | None) -> None:
-        """Alerts delivered to Kafka, then stored, then the state and offsets: a crash replays, never loses."""
-        started = time.perf_counter()
-        if self.producer.flush(30) > 0:
-            raise RuntimeError("alerts could not be delivered to Kafka within 30 s")
-        if self.pending_rows:
-            rows = self.pending_rows
-            token = hashlib.sha256(orjson.dumps([r[:3] for r in rows])).hexdigest()
-            self._insert("alerts", rows, ALERT_COLUMNS, token)
-            self.pending_rows = []
+    def checkpoint(self, wait: bool = False) -> None:
+        """Snapshot the changed partitions now; a writer thread stores them (alerts delivered to Kafka first, then
+        stored, then state + offsets) and only then are the offsets committed: a crash replays, never loses.
+
+        The loop keeps consuming meanwhile; at most two checkpoints wait (back-pressure). ``wait`` blocks until
+        everything snapshotted so far is stored (partition revocation, shutdown)."""
         now = _now_dt()
+        changed = {slot_id: slot for slot_id, slot in self.slots.items() if slot.dirty}
         state_rows = [(self.settings.alerter_group, slot_id, orjson.dumps(slot.offsets).decode(),
                        slot.state.to_json().decode(), self.rules.version, now)
-                      for slot_id, slot in self.slots.items()]  # fmt: skip
-        if state_rows:
-            self._insert("alerter_checkpoints", state_rows,
-                         ("consumer_group", "partition", "offsets", "state", "rule_version", "written_at"), None)  # fmt: skip
-        if consumer is not None:
-            commits = [TopicPartition(topic, slot_id % SIGNALS_SLOT, offset)
-                       for slot_id, slot in self.slots.items() for topic, offset in slot.offsets.items()]  # fmt: skip
-            if commits:
-                consumer.commit(offsets=commits, asynchronous=True)
-        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
-        self.metrics.last_checkpoint.set(time.time())
+                      for slot_id, slot in changed.items()]  # fmt: skip
+        commits = [TopicPartition(topic, slot_id % SIGNALS_SLOT, offset)
+                   for slot_id, slot in changed.items() for topic, offset in slot.offsets.items()]  # fmt: skip
+        for slot in changed.values():
+            slot.dirty = False
+        rows, self.pending_rows = self.pending_rows, []
+        if rows or state_rows:
+            self._writes.put((rows, state_rows, commits))
+        if wait:
+            self._writes.join()
         self.metrics.entities.set(sum(len(s.state.entities) for s in self.slots.values()))
         self.metrics.timers.set(sum(len(s.state.timers) for s in self.slots.values()))
 
-    def _insert(self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...], token: str | None) -> None:
+    def _write_checkpoints(self) -> None:
+        store = connect(self.settings)  # its own connection: a client serves one query at a time
+        while True:
+            item = self._writes.get()
+            try:
+                if item is None:
+                    return
+                rows, state_rows, commits = item
+                started = time.perf_counter()
+                while self.producer.flush(30) > 0:
+                    log.warning("alerts not yet delivered to Kafka after 30 s; still trying")
+                if rows:
+                    token = hashlib.sha256(orjson.dumps([r[:3] for r in rows])).hexdigest()
+                    self._insert(store, "alerts", rows, ALERT_COLUMNS, token)
+                if state_rows:
+                    self._insert(store, "alerter_checkpoints", state_rows,
+                                 ("consumer_group", "partition", "offsets", "state", "rule_version", "written_at"),
+                                 None)  # fmt: skip
+                with self._lock:
+                    self._committable.extend(commits)
+                self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+                self.metrics.last_checkpoint.set(time.time())
+            finally:
+                self._writes.task_done()
+
+    def commit_stored(self, consumer: Consumer) -> None:
+        """Commit the offsets whose checkpoints are stored (consumer calls stay on the loop's thread)."""
+        with self._lock:
+            commits, self._committable = self._committable, []
+        if commits:
+            consumer.commit(offsets=commits, asynchronous=True)
+
+    def _insert(self, store: Store, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...],
+                token: str | None) -> None:  # fmt: skip
         delay = self.settings.store_retry_initial_s
         while True:
             try:
-                self.store.insert(table, rows, columns, dedup_token=token)
+                store.insert(table, rows, columns, dedup_token=token)
                 return
             except Exception as exc:  # the store is down: retry, never skip (the offsets wait too)
                 log.warning("store insert into %s failed (%s); retrying in %.1fs", table, exc, delay)
@@ -228,29 +265,45 @@ class Alerter:
             return  # already covered by the checkpoint
         slot.offsets[topic or ""] = offset + 1
         slot.last_message = time.monotonic()
+        slot.dirty = True
         self.metrics.consumed.labels(topic).inc()
         raw = message.value() or b""
         alerts: list[dict[str, Any]] = []
-        if topic == s.events_topic:
-            items = decode_message(raw, s.max_message_bytes, s.max_events_per_message)
-            if not isinstance(items, list):
-                self.metrics.skipped.inc()
-                return
-            now_ms = int(time.time() * 1000)
-            for item in items:
-                event = validate_event(item, self.contract, now_ms)
-                if isinstance(event, Event):
-                    alerts.extend(self.engine.on_event(slot.state, event))
-                else:
+        kind = "event" if topic == s.events_topic else "score" if topic == s.scores_topic else "signal"
+        try:
+            if kind == "event":
+                items = decode_message(raw, s.max_message_bytes, s.max_events_per_message)
+                if not isinstance(items, list):
                     self.metrics.skipped.inc()
-        elif topic == s.scores_topic:
-            for score in orjson.loads(raw):
-                alerts.extend(self.engine.on_score(slot.state, score))
-        else:
-            _kind, ts_ms = message.timestamp()
-            alerts.extend(self.engine.on_signal(slot.state, orjson.loads(raw), int(ts_ms)))
+                    return
+                now_ms = int(time.time() * 1000)
+                for item in items:
+                    event = validate_event(item, self.contract, now_ms)
+                    if isinstance(event, Event):
+                        alerts.extend(self._safely(kind, self.engine.on_event, slot.state, event))
+                    else:
+                        self.metrics.skipped.inc()
+            elif kind == "score":
+                for score in orjson.loads(raw):
+                    alerts.extend(self._safely(kind, self.engine.on_score, slot.state, score))
+            else:
+                _type, ts_ms = message.timestamp()
+                alerts.extend(self._safely(kind, self.engine.on_signal, slot.state, orjson.loads(raw), int(ts_ms)))
+        except orjson.JSONDecodeError:
+            self.metrics.errors.labels(kind).inc()
+            log.error("%s[%s]@%s: not JSON; skipped", topic, partition, offset)
         self.emit(alerts, message.timestamp()[1] / 1000)
         self.metrics.watermark.labels(f"{topic}[{partition}]").set(slot.state.watermark / 1000)
+
+    def _safely(self, kind: str, apply: Any, *args: Any) -> list[dict[str, Any]]:
+        """One input through the engine; a failure is logged and counted, and the rest of the stream goes on."""
+        try:
+            result: list[dict[str, Any]] = apply(*args)
+            return result
+        except Exception:
+            self.metrics.errors.labels(kind).inc()
+            log.exception("rule evaluation failed on a %s; skipped it", kind)
+            return []
 
     def advance_idle(self) -> None:
         """Live mode: a partition with nothing new for a while moves its watermark with wall-clock."""
@@ -261,6 +314,7 @@ class Alerter:
         wall_ms = int(time.time() * 1000) - int(self.settings.alert_allowed_lateness_s * 1000)
         for slot in self.slots.values():
             if now - slot.last_message >= idle_s and wall_ms > slot.state.watermark:
+                slot.dirty = True
                 self.emit(self.engine.advance(slot.state, wall_ms), None)
 
     def emit(self, alerts: list[dict[str, Any]], source_ts_s: float | None) -> None:
@@ -273,8 +327,12 @@ class Alerter:
             if muted:
                 alert["silenced_by"] = muted
                 self.metrics.silenced.labels(alert["rule"]).inc()
+            # the triggering message's Kafka time rides along as a header: the notifier measures event -> webhook
+            headers: list[tuple[str, str | bytes | None]] | None = (
+                [(SOURCE_TS_HEADER, str(int(source_ts_s * 1000)).encode())] if source_ts_s else None
+            )
             self.producer.produce(self.settings.alerts_topic, key=alert["fingerprint"].encode(),
-                                  value=orjson.dumps(alert))  # fmt: skip
+                                  value=orjson.dumps(alert), headers=headers)  # fmt: skip
             self.pending_rows.append(_alert_row(alert, raised))
             self.metrics.alerts.labels(alert["rule"], alert["status"]).inc()
             self.published += 1
@@ -303,7 +361,8 @@ class Alerter:
             log.info("alerter: assigned %s", [(p.topic, p.partition, p.offset) for p in partitions])
 
         def on_revoke(c: Consumer, partitions: list[TopicPartition]) -> None:
-            self.checkpoint(c)
+            self.checkpoint(wait=True)
+            self.commit_stored(c)
             for p in partitions:
                 self.slots.pop(p.partition + (SIGNALS_SLOT if p.topic == s.signals_topic else 0), None)
 
@@ -314,6 +373,8 @@ class Alerter:
         consumer.subscribe([s.events_topic, s.scores_topic, s.signals_topic], on_assign=on_assign,
                            on_revoke=on_revoke)  # fmt: skip
         last_checkpoint = last_housekeeping = time.monotonic()
+        writer = threading.Thread(target=self._write_checkpoints, name="alerter-checkpoints", daemon=True)
+        writer.start()
         try:
             while not stop.is_set():
                 for message in consumer.consume(500, 0.05):
@@ -332,10 +393,14 @@ class Alerter:
                     except Exception as exc:  # keep the last known silences while the store is away
                         log.warning("could not reload silences: %s", exc)
                 if now - last_checkpoint >= s.alerter_checkpoint_s or len(self.pending_rows) >= 5000:
-                    self.checkpoint(consumer)
+                    self.checkpoint()
                     last_checkpoint = now
-            self.checkpoint(consumer)
+                self.commit_stored(consumer)
+            self.checkpoint(wait=True)
+            self.commit_stored(consumer)
         finally:
+            self._writes.put(None)
+            writer.join(60)
             consumer.close()
             rules_reader.close()
             self.producer.flush(10)

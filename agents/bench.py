@@ -515,3 +515,89 @@ def bench_alerts(n_events: int, seed: int) -> dict[str, Any]:
         "stall_false_alarm_rate": round(len(flagged & calm) / max(1, len(calm)), 4),
         "opportunities": len(world.truth.opportunities),
     }
+
+
+def _consumed(threads: Any, topic: str) -> float:
+    from prometheus_client import generate_latest
+
+    for line in generate_latest(threads.alerter_metrics.registry).decode().splitlines():
+        if line.startswith("dealpulse_alerter_messages_total{") and f'topic="{topic}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _alerting_run(workdir: Path, messages: list[tuple[str, bytes, int]], events_per_s: float | None) -> dict[str, Any]:
+    """The alerter + notifier (with one local webhook receiver) over ``messages``, offered at ``events_per_s``
+    (None: as fast as they go). Returns the rate and the latency quantiles the two processes measured."""
+    from prometheus_client import generate_latest
+
+    from dealpulse.agents.alerting_runtime import AlertingThreads, WebhookReceiver
+    from dealpulse.pipelines.delivery import SubscriberConfig
+
+    receiver = WebhookReceiver()
+    config = SubscriberConfig.parse(
+        f'defaults: {{group_wait: 0s, group_interval: 0s, group_by: [rule, entity_id]}}\n'
+        f'subscribers: [{{name: bench, url: "{receiver.url}", secret: bench}}]\n', "bench-subscribers.yaml",
+    )  # fmt: skip
+    try:
+        with EmbeddedStack(workdir, alerter_checkpoint_s=2.0) as stack:
+            threads = AlertingThreads(stack.settings, config).start()
+            try:
+                time.sleep(3)  # the alerter joins its group
+                started = time.perf_counter()
+                sent_messages, sent = produce(stack.settings, messages if events_per_s is None
+                                              else _paced(messages, events_per_s))  # fmt: skip
+                deadline = time.monotonic() + 900
+                while _consumed(threads, stack.settings.events_topic) < sent_messages and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                elapsed = time.perf_counter() - started
+                time.sleep(2)  # let the last webhooks go out
+                alerter_text = generate_latest(threads.alerter_metrics.registry).decode()
+                notifier_text = generate_latest(threads.notifier_metrics.registry).decode()
+                published = threads.alerter.published if threads.alerter else 0
+            finally:
+                threads.stop()
+    finally:
+        receiver.close()
+
+    def ms(text: str, name: str, q: float) -> float | None:
+        value = histogram_quantile(text, name, q)
+        return round(value * 1000, 1) if value is not None else None
+
+    return {
+        "events": sent,
+        "events_per_s": round(sent / elapsed, 1),
+        "alerts_published": published,
+        "webhook_requests": len(receiver.requests),
+        "p50_event_to_alert_ms": ms(alerter_text, "dealpulse_alert_latency_seconds", 0.5),
+        "p99_event_to_alert_ms": ms(alerter_text, "dealpulse_alert_latency_seconds", 0.99),
+        "p50_event_to_webhook_ms": ms(notifier_text, "dealpulse_event_to_webhook_seconds", 0.5),
+        "p99_event_to_webhook_ms": ms(notifier_text, "dealpulse_event_to_webhook_seconds", 0.99),
+    }
+
+
+def bench_alerts_live(workdir: Path, n_events: int, seed: int, batch_size: int) -> dict[str, Any]:
+    """Alerter throughput on the embedded broker + store, then p50/p99 event -> alert and event -> webhook at half
+    of it (20 s of events, packed alike; webhooks with group_wait 0 so grouping adds no wait)."""
+    world = generate_world(seed, n_events)
+    messages = list(pack_messages(world.records(), batch_size))
+    (workdir / "throughput").mkdir(parents=True, exist_ok=True)
+    (workdir / "latency").mkdir(parents=True, exist_ok=True)
+    full = _alerting_run(workdir / "throughput", messages, None)
+    rate = full["events_per_s"]
+    budget, picked, total = int(rate / 2 * 20), [], 0
+    for message in messages:
+        if total >= budget:
+            break
+        picked.append(message)
+        total += message[2]
+    half = _alerting_run(workdir / "latency", picked, rate / 2)
+    return {
+        "alerter_events_per_s": rate,
+        "alerter_events": full["events"],
+        "alerts_published": full["alerts_published"],
+        "latency_events_per_s_offered": round(rate / 2, 1),
+        **{key: value for key, value in half.items() if key.startswith(("p50", "p99"))},
+        "latency_alerts_published": half["alerts_published"],
+        "latency_webhook_requests": half["webhook_requests"],
+    }

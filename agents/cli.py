@@ -544,11 +544,23 @@ def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) ->
 @click.option("--events", "n_events", type=click.IntRange(1), default=100_000, show_default=True)
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_alerts_cmd(n_events: int, seed: int, as_json: bool) -> None:
-    """Rule engine rate, alert volume with and without grouping, stall precision against the world's truth."""
-    from dealpulse.agents.bench import bench_alerts
+@click.option(
+    "--live/--no-live",
+    default=True,
+    show_default=True,
+    help="also run the alerter + notifier on the embedded stack: rate and p99 latencies",
+)
+@click.option("--batch-size", type=click.IntRange(1), default=20, show_default=True, help="events per message (live)")
+def bench_alerts_cmd(n_events: int, seed: int, as_json: bool, live: bool, batch_size: int) -> None:
+    """Rule engine rate, alert volume with and without grouping, stall precision against the world's truth;
+    live: alerter throughput and p50/p99 event -> alert published and event -> webhook delivered at half of it."""
+    from dealpulse.agents.bench import bench_alerts, bench_alerts_live
+    from dealpulse.agents.embedded import temporary_workdir
 
     result = bench_alerts(n_events, seed)
+    if live:
+        with temporary_workdir() as wd:
+            result.update(bench_alerts_live(wd, n_events, seed, batch_size))
     if as_json:
         click.echo(orjson.dumps(result).decode())
     else:

@@ -27,7 +27,7 @@ from aiohttp import web
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from dealpulse.agents.alerter import load_silences
+from dealpulse.agents.alerter import SOURCE_TS_HEADER, load_silences
 from dealpulse.pipelines.delivery import (
     Grouper,
     Notification,
@@ -59,7 +59,7 @@ class NotifierMetrics:
         self.queue = Gauge("dealpulse_webhook_queue", "notifications waiting per subscriber", ["subscriber"],
                            registry=r)  # fmt: skip
         self.latency = Histogram(
-            "dealpulse_event_to_webhook_seconds", "Kafka append of the alert to its webhook delivered",
+            "dealpulse_event_to_webhook_seconds", "Kafka append of the triggering event to its webhook delivered",
             ["subscriber"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r,
         )  # fmt: skip
         self.silenced = Counter("dealpulse_notifier_silenced_total", "alerts not delivered: silenced", registry=r)
@@ -284,7 +284,9 @@ class Notifier:
                                 "alerts topic: unreadable message at %s[%s]", message.partition(), message.offset()
                             )
                             continue
-                        self.take(message.partition() or 0, message.offset() or 0, alert, message.timestamp()[1])
+                        source = dict(message.headers() or ()).get(SOURCE_TS_HEADER)
+                        source_ms = int(source) if source else message.timestamp()[1]
+                        self.take(message.partition() or 0, message.offset() or 0, alert, source_ms)
                     self.flush_due()
                     now = time.monotonic()
                     if now - last_housekeeping >= 1.0:

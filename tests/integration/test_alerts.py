@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +13,8 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from dealpulse.agents.alerter import Alerter, publish_rules
-from dealpulse.agents.notifier import Notifier
+from dealpulse.agents.alerter import publish_rules
+from dealpulse.agents.alerting_runtime import AlertingThreads, WebhookReceiver
 from dealpulse.pipelines.contract import ContractRules, Event, validate_event
 from dealpulse.pipelines.delivery import SubscriberConfig, signature_headers, verify_signature
 from dealpulse.pipelines.rules import PartitionState, RuleEngine, RuleSet
@@ -28,79 +25,12 @@ from tests.alert_scenarios import BASE, DRIFT_SIGNAL, EXPECTED_FIRING, EXPECTED_
 pytestmark = pytest.mark.integration
 
 
-class Receiver:
-    """A local webhook receiver; ``fail`` makes it answer 500 to everything."""
-
-    def __init__(self, fail: bool) -> None:
-        self.requests: list[tuple[float, dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.requests.append((time.time(), dict(self.headers), body))
-                self.send_response(500 if fail else 200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def alerts(self) -> list[dict[str, Any]]:
-        return [a for _, _, body in self.requests for a in orjson.loads(body)["alerts"]]
-
-
 @pytest.fixture
-def receivers() -> Iterator[tuple[Receiver, Receiver]]:
-    good, broken = Receiver(fail=False), Receiver(fail=True)
+def receivers() -> Iterator[tuple[WebhookReceiver, WebhookReceiver]]:
+    good, broken = WebhookReceiver(fail=False), WebhookReceiver(fail=True)
     yield good, broken
-    good.server.shutdown()
-    broken.server.shutdown()
-
-
-class Running:
-    """The alerter (a thread) and the notifier (an asyncio loop in a thread), stoppable and restartable."""
-
-    def __init__(self, settings: Settings, config: SubscriberConfig) -> None:
-        self.settings, self.config = settings, config
-        self.alerter_stop = threading.Event()
-        self.alerter = self._start_alerter()
-        self.notifier_loop: asyncio.AbstractEventLoop | None = None
-        self.notifier_stop: asyncio.Event | None = None
-        self.notifier: Notifier | None = None
-        self.notifier_thread = threading.Thread(target=self._notify, daemon=True)
-        self.notifier_thread.start()
-
-    def _start_alerter(self) -> threading.Thread:
-        self.alerter_stop = threading.Event()
-        thread = threading.Thread(target=Alerter(self.settings).run, args=(self.alerter_stop,), daemon=True)
-        thread.start()
-        return thread
-
-    def restart_alerter(self) -> None:
-        self.alerter_stop.set()
-        self.alerter.join(30)
-        assert not self.alerter.is_alive()
-        self.alerter = self._start_alerter()
-
-    def _notify(self) -> None:
-        async def main() -> None:
-            self.notifier_loop = asyncio.get_running_loop()
-            self.notifier_stop = asyncio.Event()
-            self.notifier = Notifier(self.settings, self.config)
-            await self.notifier.run(self.notifier_stop, port=0)
-
-        asyncio.run(main())
-
-    def stop(self) -> None:
-        self.alerter_stop.set()
-        if self.notifier_loop is not None and self.notifier_stop is not None:
-            self.notifier_loop.call_soon_threadsafe(self.notifier_stop.set)
-        self.alerter.join(30)
-        self.notifier_thread.join(30)
+    good.close()
+    broken.close()
 
 
 def send(settings: Settings, topic: str, values: list[bytes]) -> None:
@@ -135,7 +65,7 @@ def expected_alerts(events: list[dict[str, Any]]) -> set[tuple[str, str]]:
 
 
 def test_every_default_rule_reaches_the_topic_the_store_and_webhooks_across_an_alerter_restart(
-    settings: Settings, store: Store, receivers: tuple[Receiver, Receiver], tmp_path: Path
+    settings: Settings, store: Store, receivers: tuple[WebhookReceiver, WebhookReceiver], tmp_path: Path
 ) -> None:
     good, broken = receivers
     settings = settings.model_copy(update={"alert_idle_advance_s": 0.0, "alerter_checkpoint_s": 0.3,
@@ -153,7 +83,7 @@ subscribers:
     events = rule_stories()
     expected = expected_alerts(events)
     assert set(EXPECTED_FIRING) - {"model_drift"} <= _rules_of(expected)
-    running = Running(settings, config)
+    running = AlertingThreads(settings, config).start()
     try:
         send(settings, settings.scores_topic, [orjson.dumps([s]) for s in score_stories()])
         send(settings, settings.signals_topic, [orjson.dumps(DRIFT_SIGNAL)])
@@ -226,7 +156,7 @@ subscribers:
 
 def test_a_published_rules_version_reaches_the_running_alerter(settings: Settings, store: Store) -> None:
     settings = settings.model_copy(update={"alert_idle_advance_s": 0.0, "alerter_checkpoint_s": 0.3})
-    running = Running(settings, SubscriberConfig(()))
+    running = AlertingThreads(settings, SubscriberConfig(())).start()
     try:
         time.sleep(2)
         rules = RuleSet.parse("rules: [{name: any_download, entity: lead, message: 'got {entity_id}', "
