@@ -14,6 +14,7 @@ from the beginning of the next working day.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -107,6 +108,10 @@ class BusinessCalendar:
         """The moment ``duration`` after ``start_ms`` on this calendar (epoch ms)."""
         if not duration.working_days:
             return start_ms + duration.ms
+        return _working_deadline(self, start_ms, duration.working_days)
+
+    def _working_deadline(self, start_ms: int, working_days: float) -> int:
+        duration = Duration(working_days=working_days)
         zone = ZoneInfo(self.timezone)
         local = datetime.fromtimestamp(start_ms / 1000, zone)
         if not self.is_working_day(local.date()):
@@ -121,9 +126,16 @@ class BusinessCalendar:
         return end_ms
 
     def _next_working_day(self, day: date) -> date:
+        """The working day after ``day``."""
         if not self.workdays:
             raise ValueError(f"calendar {self.name!r} has no working days")
         day += timedelta(days=1)
         while not self.is_working_day(day):
             day += timedelta(days=1)
         return day
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _working_deadline(calendar: BusinessCalendar, start_ms: int, working_days: float) -> int:
+    """Memoised: rules ask for the same deadline at every evaluation until the clock restarts."""
+    return calendar._working_deadline(start_ms, working_days)

@@ -123,6 +123,7 @@ class Context:
     account: dict[str, Any] | None
     t: int
     calendar: BusinessCalendar
+    explain: bool = True  # False: only ok and next_ms matter (evidence and values are built for alerts only)
 
     def attribute(self, name: str) -> Any:
         value = self.state.get("attrs", {}).get(name)
@@ -167,11 +168,12 @@ class Count(Condition):
 
     def evaluate(self, ctx: Context) -> Result:
         recent = [m for m in ctx.matches(self.key) if m[0] > ctx.t - self.within.ms]
-        values = ((f"count[{self.key}]", len(recent)),)
+        values = ((f"count[{self.key}]", len(recent)),) if ctx.explain else ()
         if len(recent) >= self.at_least:
             # it stops holding when the oldest of the newest `at_least` leaves the window
             leaves = sorted(m[0] for m in recent)[-self.at_least] + self.within.ms
-            return Result(True, leaves, tuple(_brief(m) for m in recent[-MAX_EVIDENCE_EVENTS:]), values)
+            evidence = tuple(_brief(m) for m in recent[-MAX_EVIDENCE_EVENTS:]) if ctx.explain else ()
+            return Result(True, leaves, evidence, values)
         return Result(False, values=values)
 
 
@@ -236,7 +238,7 @@ class Absent(Condition):
         last = [m for m in ctx.matches(self.key) if m[0] >= base]
         start = max([base] + [m[0] for m in last])
         deadline = ctx.calendar.deadline(start, self.duration)
-        values = (("quiet_since", ms_iso(start)), ("deadline", ms_iso(deadline)))
+        values = (("quiet_since", ms_iso(start)), ("deadline", ms_iso(deadline))) if ctx.explain else ()
         if ctx.t >= deadline:
             return Result(True, NO_TIMER, tuple(base_evidence), values)
         return Result(False, deadline, values=values)
@@ -263,6 +265,8 @@ class Stalled(Condition):
         recent = [m for m in ctx.matches(self.key) if m[0] >= base]
         start = max([base] + [m[0] for m in recent])
         deadline = ctx.calendar.deadline(start, limit)
+        if not ctx.explain:
+            return Result(ctx.t >= deadline, NO_TIMER if ctx.t >= deadline else deadline)
         values = (("stage", stage), ("stage_since", ms_iso(base)), ("quiet_since", ms_iso(start)),
                   ("threshold", limit.text), ("calendar", ctx.calendar.name))  # fmt: skip
         if ctx.t >= deadline:
@@ -405,6 +409,15 @@ class All(Condition):
         return [b for part in self.parts for b in part.buckets()]
 
     def evaluate(self, ctx: Context) -> Result:
+        if not ctx.explain:
+            # false until its first false part turns true: that part's next change bounds the whole
+            results = []
+            for part in self.parts:
+                result = part.evaluate(ctx)
+                if not result.ok:
+                    return Result(False, result.next_ms)
+                results.append(result)
+            return Result(True, min(r.next_ms for r in results))
         results = [part.evaluate(ctx) for part in self.parts]
         ok = all(r.ok for r in results)
         return Result(ok, min(r.next_ms for r in results), _merge(r.evidence for r in results) if ok else (),
@@ -422,6 +435,15 @@ class AnyOf(Condition):
         return [b for part in self.parts for b in part.buckets()]
 
     def evaluate(self, ctx: Context) -> Result:
+        if not ctx.explain:
+            # true while its first true part holds: that part's next change bounds the whole
+            results = []
+            for part in self.parts:
+                result = part.evaluate(ctx)
+                if result.ok:
+                    return Result(True, result.next_ms)
+                results.append(result)
+            return Result(False, min(r.next_ms for r in results))
         results = [part.evaluate(ctx) for part in self.parts]
         true = [r for r in results if r.ok]
         return Result(bool(true), min(r.next_ms for r in results), _merge(r.evidence for r in true),
@@ -978,17 +1000,22 @@ class RuleEngine:
         t = at if at is not None else entity["last"]
         account = state.entities.get(f"account:{entity.get('acct')}") if kind != "account" else None
         region = (account or entity).get("attrs", {}).get("region")
-        context = Context(entity, account, t, self.rules.calendar_for(region))
+        context = Context(entity, account, t, self.rules.calendar_for(region), explain=False)
         alerts = []
         due = NO_TIMER
         firing = entity.setdefault("fire", {})
+        explained = None
         for rule in self.by_entity[kind]:
             result = rule.when.evaluate(context)
             due = min(due, result.next_ms)
             current = firing.get(rule.name)
+            if result.ok == (current is not None):
+                continue  # no change: nothing to explain
+            if result.ok and t < entity.get("cool", {}).get(rule.name, -1):
+                continue
+            explained = explained or Context(entity, account, t, context.calendar, explain=True)
+            result = rule.when.evaluate(explained)
             if result.ok and current is None:
-                if t < entity.get("cool", {}).get(rule.name, -1):
-                    continue
                 alert = self._alert(rule, entity, account, t, result, "firing", t)
                 firing[rule.name] = {"id": alert["alert_id"], "since": t}
                 alerts.append(alert)
