@@ -12,8 +12,10 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from dealpulse.agents.alerter import AlerterMetrics
 from dealpulse.agents.cli import main as cli
 from dealpulse.agents.metrics import IngestMetrics
+from dealpulse.agents.notifier import NotifierMetrics
 from dealpulse.agents.trainer import TrainerMetrics
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store
@@ -31,8 +33,10 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def exposed_metric_names() -> set[str]:
-    """What a worker and the trainer expose."""
-    text = generate_latest(IngestMetrics().registry).decode() + generate_latest(TrainerMetrics().registry).decode()
+    """What a worker, the trainer, the alerter and the notifier expose."""
+    registries = (IngestMetrics().registry, TrainerMetrics().registry, AlerterMetrics().registry,
+                  NotifierMetrics().registry)  # fmt: skip
+    text = "".join(generate_latest(registry).decode() for registry in registries)
     return set(re.findall(r"^# TYPE (\w+) ", text, re.MULTILINE))
 
 
