@@ -612,8 +612,6 @@ def bench_query_cmd(n_events: int, seed: int, chunk_events: int, as_json: bool) 
             click.echo(f"{key:>24}  {value}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # --- alerts ---------------------------------------------------------------------------------------------------
@@ -834,3 +832,7 @@ def silence_expire(silence_id: str) -> None:
     store_.insert("silences", [(silence_id, matchers, starts, now, created_by, comment, now)],
                   ("silence_id", "matchers", "starts_at", "ends_at", "created_by", "comment", "updated_at"))  # fmt: skip
     click.echo(f"silence {silence_id} expired")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
