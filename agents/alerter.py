@@ -63,6 +63,7 @@ class AlerterMetrics:
         )  # fmt: skip
         self.watermark = Gauge("dealpulse_alerter_watermark_seconds", "event-time watermark", ["partition"],
                                registry=r)  # fmt: skip
+        self.assigned = Gauge("dealpulse_alerter_assigned_partitions", "partitions this alerter owns", registry=r)
         self.entities = Gauge("dealpulse_alerter_entities", "entities with rule state", registry=r)
         self.timers = Gauge("dealpulse_alerter_timers", "pending event-time timers", registry=r)
         self.checkpoint_seconds = Histogram("dealpulse_alerter_checkpoint_seconds", "checkpoint duration",
@@ -124,6 +125,7 @@ class Alerter:
                                   "linger.ms": 2})  # fmt: skip
         self._watched: tuple[float, ...] | None = None
         self.published = 0
+        self.assigned = 0  # partitions this alerter owns
         self._writes: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._lock = threading.Lock()
         self._committable: list[TopicPartition] = []
@@ -295,6 +297,15 @@ class Alerter:
         self.emit(alerts, message.timestamp()[1] / 1000)
         self.metrics.watermark.labels(f"{topic}[{partition}]").set(slot.state.watermark / 1000)
 
+    def _follow_silences(self, stop: threading.Event) -> None:
+        """Reload silences every second on a thread of its own: a store round trip never holds up alerts."""
+        store = connect(self.settings)
+        while not stop.wait(1.0):
+            try:
+                self.silences = load_silences(store)  # one assignment: the loop sees the old or the new list
+            except Exception as exc:  # keep the last known silences while the store is away
+                log.warning("could not reload silences: %s", exc)
+
     def _safely(self, kind: str, apply: Any, *args: Any) -> list[dict[str, Any]]:
         """One input through the engine; a failure is logged and counted, and the rest of the stream goes on."""
         try:
@@ -346,6 +357,7 @@ class Alerter:
             "bootstrap.servers": s.kafka_bootstrap, "group.id": s.alerter_group, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "partition.assignment.strategy": "range",
             "session.timeout.ms": int(s.kafka_session_timeout_s * 1000),
+            "fetch.wait.max.ms": s.kafka_fetch_wait_ms,
         })  # fmt: skip
         rules_reader = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": f"{s.alerter_group}-rules",
                                  "enable.auto.commit": False})  # fmt: skip
@@ -358,6 +370,8 @@ class Alerter:
                 slot = self.slots[p.partition + (SIGNALS_SLOT if p.topic == s.signals_topic else 0)]
                 p.offset = slot.offsets.get(p.topic, OFFSET_BEGINNING)
             c.assign(partitions)
+            self.assigned = len(partitions)
+            self.metrics.assigned.set(self.assigned)
             log.info("alerter: assigned %s", [(p.topic, p.partition, p.offset) for p in partitions])
 
         def on_revoke(c: Consumer, partitions: list[TopicPartition]) -> None:
@@ -365,6 +379,8 @@ class Alerter:
             self.commit_stored(c)
             for p in partitions:
                 self.slots.pop(p.partition + (SIGNALS_SLOT if p.topic == s.signals_topic else 0), None)
+            self.assigned = 0
+            self.metrics.assigned.set(0)
 
         self.silences = load_silences(self.store)
         self.watch_rules_file()
@@ -375,9 +391,10 @@ class Alerter:
         last_checkpoint = last_housekeeping = time.monotonic()
         writer = threading.Thread(target=self._write_checkpoints, name="alerter-checkpoints", daemon=True)
         writer.start()
+        threading.Thread(target=self._follow_silences, args=(stop,), name="alerter-silences", daemon=True).start()
         try:
             while not stop.is_set():
-                for message in consumer.consume(500, 0.05):
+                for message in take_messages(consumer, 500, 0.05):
                     if message.error():
                         continue
                     self.handle(message)
@@ -388,10 +405,6 @@ class Alerter:
                     self.watch_rules_file()
                     for message in _drain(rules_reader, 0.0):
                         self.offer_rules(message.value() or b"")
-                    try:
-                        self.silences = load_silences(self.store)
-                    except Exception as exc:  # keep the last known silences while the store is away
-                        log.warning("could not reload silences: %s", exc)
                 if now - last_checkpoint >= s.alerter_checkpoint_s or len(self.pending_rows) >= 5000:
                     self.checkpoint()
                     last_checkpoint = now
@@ -404,6 +417,18 @@ class Alerter:
             consumer.close()
             rules_reader.close()
             self.producer.flush(10)
+
+
+def take_messages(consumer: Consumer, most: int, wait_s: float) -> list[Message]:
+    """What is there now (up to ``most``), or the first message within ``wait_s``.
+
+    ``consume(n, timeout)`` waits for n messages or the whole timeout; this returns as soon as anything arrived.
+    """
+    messages = consumer.consume(most, 0)
+    if messages:
+        return list(messages)
+    first = consumer.poll(wait_s)
+    return [first] if first is not None else []
 
 
 def _drain(consumer: Consumer, timeout: float) -> list[Message]:

@@ -517,46 +517,78 @@ def bench_alerts(n_events: int, seed: int) -> dict[str, Any]:
     }
 
 
-def _consumed(threads: Any, topic: str) -> float:
-    from prometheus_client import generate_latest
+def _sample(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        named = line.startswith((name + "{", name + " "))
+        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
-    for line in generate_latest(threads.alerter_metrics.registry).decode().splitlines():
-        if line.startswith("dealpulse_alerter_messages_total{") and f'topic="{topic}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+
+def _histogram_delta(before: str, after: str, name: str) -> str:
+    """The buckets of ``name`` observed between two scrapes, as /metrics text (summed over label sets)."""
+
+    def buckets(text: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    start, end = buckets(before), buckets(after)
+    order = sorted(end, key=lambda le: float("inf") if le == "+Inf" else float(le))
+    return "\n".join(f'{name}_bucket{{le="{le}"}} {end[le] - start.get(le, 0.0)}' for le in order)
 
 
 def _alerting_run(workdir: Path, messages: list[tuple[str, bytes, int]], events_per_s: float | None) -> dict[str, Any]:
-    """The alerter + notifier (with one local webhook receiver) over ``messages``, offered at ``events_per_s``
-    (None: as fast as they go). Returns the rate and the latency quantiles the two processes measured."""
-    from prometheus_client import generate_latest
-
-    from dealpulse.agents.alerting_runtime import AlertingThreads, WebhookReceiver
-    from dealpulse.pipelines.delivery import SubscriberConfig
+    """`dealpulse alerter` and `dealpulse notifier` processes (one local webhook receiver, group_wait 0) over
+    ``messages`` offered at ``events_per_s`` (None: as fast as they go). Latency quantiles leave out the first
+    two seconds (warm-up: connections, first fetches)."""
+    from dealpulse.agents.alerting_runtime import WebhookReceiver
+    from dealpulse.agents.stack import metrics_text, start_alerting_process
 
     receiver = WebhookReceiver()
-    config = SubscriberConfig.parse(
-        f'defaults: {{group_wait: 0s, group_interval: 0s, group_by: [rule, entity_id]}}\n'
-        f'subscribers: [{{name: bench, url: "{receiver.url}", secret: bench}}]\n', "bench-subscribers.yaml",
-    )  # fmt: skip
+    subscribers = workdir / "subscribers.yaml"
+    subscribers.write_text(
+        "defaults: {group_wait: 0s, group_interval: 0s, group_by: [rule, entity_id]}\n"
+        f'subscribers: [{{name: bench, url: "{receiver.url}", secret: bench}}]\n'
+    )
     try:
-        with EmbeddedStack(workdir, alerter_checkpoint_s=2.0) as stack:
-            threads = AlertingThreads(stack.settings, config).start()
-            try:
-                time.sleep(3)  # the alerter joins its group
-                started = time.perf_counter()
-                sent_messages, sent = produce(stack.settings, messages if events_per_s is None
-                                              else _paced(messages, events_per_s))  # fmt: skip
-                deadline = time.monotonic() + 900
-                while _consumed(threads, stack.settings.events_topic) < sent_messages and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                elapsed = time.perf_counter() - started
-                time.sleep(2)  # let the last webhooks go out
-                alerter_text = generate_latest(threads.alerter_metrics.registry).decode()
-                notifier_text = generate_latest(threads.notifier_metrics.registry).decode()
-                published = threads.alerter.published if threads.alerter else 0
-            finally:
-                threads.stop()
+        with EmbeddedStack(workdir, subscribers_file=subscribers) as stack:
+            alerter = start_alerting_process("alerter", stack.settings, workdir)
+            notifier = start_alerting_process("notifier", stack.settings, workdir)
+            stack.workers.extend([alerter, notifier])  # stopped with the stack
+            wanted = stack.settings.topic_partitions * 2 + 1  # events + scores + signals partitions
+            deadline = time.monotonic() + 120
+            while _sample(metrics_text(alerter), "dealpulse_alerter_assigned_partitions") < wanted:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the alerter did not get its partitions:\n{alerter.log_tail()}")
+                time.sleep(0.1)
+            while not metrics_text(notifier):
+                time.sleep(0.1)
+            time.sleep(2)  # the notifier joins its group too
+            topic = stack.settings.events_topic
+            warm = int((events_per_s or 0) * 2)
+            head = [] if events_per_s is None else messages[:warm]
+            rest = messages[len(head) :]
+            started = time.perf_counter()
+            sent_messages = sent = 0
+            if head:
+                sent_messages, sent = produce(stack.settings, _paced(head, events_per_s or 1))
+            before_a, before_n = metrics_text(alerter), metrics_text(notifier)
+            more_messages, more = produce(stack.settings, rest if events_per_s is None else _paced(rest, events_per_s))
+            sent_messages, sent = sent_messages + more_messages, sent + more
+            deadline = time.monotonic() + 900
+            while _sample(metrics_text(alerter), "dealpulse_alerter_messages_total", topic=topic) < sent_messages:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the alerter did not consume everything in 15 minutes")
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            time.sleep(3)  # the last webhooks go out
+            after_a, after_n = metrics_text(alerter), metrics_text(notifier)
     finally:
         receiver.close()
 
@@ -564,15 +596,17 @@ def _alerting_run(workdir: Path, messages: list[tuple[str, bytes, int]], events_
         value = histogram_quantile(text, name, q)
         return round(value * 1000, 1) if value is not None else None
 
+    alert_hist = _histogram_delta(before_a, after_a, "dealpulse_alert_latency_seconds")
+    hook_hist = _histogram_delta(before_n, after_n, "dealpulse_event_to_webhook_seconds")
     return {
         "events": sent,
         "events_per_s": round(sent / elapsed, 1),
-        "alerts_published": published,
+        "alerts_published": int(_sample(after_a, "dealpulse_alerts_total")),
         "webhook_requests": len(receiver.requests),
-        "p50_event_to_alert_ms": ms(alerter_text, "dealpulse_alert_latency_seconds", 0.5),
-        "p99_event_to_alert_ms": ms(alerter_text, "dealpulse_alert_latency_seconds", 0.99),
-        "p50_event_to_webhook_ms": ms(notifier_text, "dealpulse_event_to_webhook_seconds", 0.5),
-        "p99_event_to_webhook_ms": ms(notifier_text, "dealpulse_event_to_webhook_seconds", 0.99),
+        "p50_event_to_alert_ms": ms(alert_hist, "dealpulse_alert_latency_seconds", 0.5),
+        "p99_event_to_alert_ms": ms(alert_hist, "dealpulse_alert_latency_seconds", 0.99),
+        "p50_event_to_webhook_ms": ms(hook_hist, "dealpulse_event_to_webhook_seconds", 0.5),
+        "p99_event_to_webhook_ms": ms(hook_hist, "dealpulse_event_to_webhook_seconds", 0.99),
     }
 
 

@@ -550,7 +550,13 @@ def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) ->
     show_default=True,
     help="also run the alerter + notifier on the embedded stack: rate and p99 latencies",
 )
-@click.option("--batch-size", type=click.IntRange(1), default=20, show_default=True, help="events per message (live)")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="events per message (live; per-account packing reorders event time, which alerting sees as lateness)",
+)
 def bench_alerts_cmd(n_events: int, seed: int, as_json: bool, live: bool, batch_size: int) -> None:
     """Rule engine rate, alert volume with and without grouping, stall precision against the world's truth;
     live: alerter throughput and p50/p99 event -> alert published and event -> webhook delivered at half of it."""
@@ -610,8 +616,6 @@ def bench_query_cmd(n_events: int, seed: int, chunk_events: int, as_json: bool) 
     else:
         for key, value in result.items():
             click.echo(f"{key:>24}  {value}")
-
-
 
 
 # --- alerts ---------------------------------------------------------------------------------------------------

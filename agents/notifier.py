@@ -27,7 +27,7 @@ from aiohttp import web
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from dealpulse.agents.alerter import SOURCE_TS_HEADER, load_silences
+from dealpulse.agents.alerter import SOURCE_TS_HEADER, load_silences, take_messages
 from dealpulse.pipelines.delivery import (
     Grouper,
     Notification,
@@ -207,6 +207,19 @@ class Notifier:
                 return False
             await asyncio.sleep(retry_delay)
 
+    async def _housekeeping(self, consumer: Consumer, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            await loop.run_in_executor(None, self.flush_log)
+            commits = self.committable()
+            if commits:
+                consumer.commit(offsets=commits, asynchronous=True)
+            try:
+                self.silences = await loop.run_in_executor(None, load_silences, self.store)
+            except Exception as exc:  # keep the last known silences while the store is away
+                log.warning("could not reload silences: %s", exc)
+
     def flush_log(self) -> None:
         if not self.log_rows:
             return
@@ -264,16 +277,18 @@ class Notifier:
         log.warning("notifier: /metrics and POST /feedback on http://127.0.0.1:%d", self.port)
         consumer = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": s.notifier_group,
                              "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                             "session.timeout.ms": int(s.kafka_session_timeout_s * 1000)})  # fmt: skip
+                             "session.timeout.ms": int(s.kafka_session_timeout_s * 1000),
+                             "fetch.wait.max.ms": s.kafka_fetch_wait_ms})  # fmt: skip
         consumer.subscribe([s.alerts_topic])
         self.ready = True
         loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession() as session:
             senders = [asyncio.create_task(self.sender(lane, session)) for lane in self.lanes.values()]
-            last_housekeeping = 0.0
+            # the delivery log, commits and silences on their own task: store round trips never hold up intake
+            housekeeping = asyncio.create_task(self._housekeeping(consumer, stop))
             try:
                 while not stop.is_set():
-                    messages = await loop.run_in_executor(None, consumer.consume, 500, 0.05)
+                    messages = await loop.run_in_executor(None, take_messages, consumer, 500, 0.05)
                     for message in messages:
                         if message.error():
                             continue
@@ -288,20 +303,9 @@ class Notifier:
                         source_ms = int(source) if source else message.timestamp()[1]
                         self.take(message.partition() or 0, message.offset() or 0, alert, source_ms)
                     self.flush_due()
-                    now = time.monotonic()
-                    if now - last_housekeeping >= 1.0:
-                        last_housekeeping = now
-                        await loop.run_in_executor(None, self.flush_log)
-                        commits = self.committable()
-                        if commits:
-                            consumer.commit(offsets=commits, asynchronous=True)
-                        try:
-                            self.silences = await loop.run_in_executor(None, load_silences, self.store)
-                        except Exception as exc:
-                            log.warning("could not reload silences: %s", exc)
                     await asyncio.sleep(0)
             finally:
-                for task in senders:
+                for task in [*senders, housekeeping]:
                     task.cancel()
                 await loop.run_in_executor(None, self.flush_log)
                 commits = self.committable()

@@ -69,6 +69,30 @@ def start_trainer_process(settings: Settings, workdir: Path, index: int = 0) -> 
     return WorkerProcess(proc.name, proc.process, proc.log_path, port)
 
 
+def start_alerting_process(kind: str, settings: Settings, workdir: Path, index: int = 0) -> WorkerProcess:
+    """Start `dealpulse alerter` or `dealpulse notifier` with these settings (metrics on a free port)."""
+    port = free_port()
+    field = "alerter_metrics_port" if kind == "alerter" else "notifier_port"
+    proc = ManagedProcess.start(
+        f"{kind}-{index}",
+        [sys.executable, "-m", "dealpulse.agents.cli", kind],
+        workdir / f"{kind}-{index}.log",
+        env=settings_env(settings.model_copy(update={field: port})),
+    )
+    return WorkerProcess(proc.name, proc.process, proc.log_path, port)
+
+
+def metrics_text(process: WorkerProcess) -> str:
+    """The process's /metrics page ('' while it cannot be read)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
+
+
 def worker_metric(worker: WorkerProcess, name: str) -> float | None:
     """The value of an unlabelled sample on the worker's /metrics, or None if it cannot be read (yet)."""
     import urllib.request

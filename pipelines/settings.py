@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     topic_replication: int = Field(1, ge=1)
     consumer_group: str = Field("dealpulse", description="Faust app id = Kafka consumer group")
     kafka_session_timeout_s: float = Field(10.0, ge=1, description="group session and rebalance timeout")
+    kafka_fetch_wait_ms: int = Field(
+        20, ge=0, le=5000, description="longest a fetch waits for data (latency; Tansu always waits this long)"
+    )
 
     # ClickHouse (a server, or the embedded chDB store behind the same HTTP interface)
     clickhouse_host: str = "127.0.0.1"
