@@ -243,17 +243,25 @@ class Notifier:
             data = orjson.loads(body)
             alert_id, account_id, verdict = str(data["alert_id"]), str(data["account_id"]), str(data["verdict"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            return web.json_response({"error": "send {alert_id, account_id, verdict: accepted|rejected}"}, status=400)
+            return web.json_response(
+                {"error": "send {alert_id, account_id, verdict: accepted|rejected} (and entity, entity_id)"}, status=400
+            )
         if verdict not in ("accepted", "rejected"):
             return web.json_response({"error": "verdict is accepted or rejected"}, status=400)
-        event = {
+        props: dict[str, Any] = {"ref_id": alert_id, "verdict": verdict}
+        event: dict[str, Any] = {
             "event_id": f"fb-{alert_id}-{name}"[:64], "type": "feedback",
             "ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "account_id": account_id,
-            "source": f"subscriber:{name}", "props": {"ref_id": alert_id, "verdict": verdict},
+            "source": f"subscriber:{name}", "props": props,
         }  # fmt: skip
         for key in ("lead_id", "opportunity_id"):
             if data.get(key):
                 event[key] = str(data[key])
+        if data.get("entity") in ("lead", "account") and data.get("entity_id"):
+            # the models learn from it too: it labels the entity's newest snapshot from before the alert began
+            starts_ms = alert_id.rpartition("-")[2]
+            props.update(entity_ref=f"{data['entity']}:{data['entity_id']}",
+                                  at_ms=int(starts_ms) if starts_ms.isdigit() else None)  # fmt: skip
         self.producer.produce(self.settings.events_topic, key=account_id.encode(), value=orjson.dumps(event))
         self.producer.flush(10)
         self.metrics.feedback.labels(verdict).inc()

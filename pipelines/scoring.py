@@ -263,6 +263,12 @@ class Scorer:
         states.changed(entity, key)
 
     def _label_feedback(self, event: Event, states: EntityStates, out: Output) -> None:
+        """A verdict on a score (``ref_id`` = score_id) labels that snapshot; a verdict on an alert about a lead or
+        an account (``entity_ref`` = "lead:<id>", ``at_ms`` = when the alert began) labels the newest snapshot
+        taken at or before the alert."""
+        if "entity_ref" in event.props:
+            self._label_alert_feedback(event, states, out)
+            return
         ref = str(event.props.get("ref_id", ""))
         entity, _, rest = ref.partition(":")
         key = rest.rpartition(":")[0]
@@ -280,6 +286,28 @@ class Scorer:
                 states.changed(entity, key)
                 return
         out.feedback_unmatched += 1
+
+    def _label_alert_feedback(self, event: Event, states: EntityStates, out: Output) -> None:
+        entity, _, key = str(event.props.get("entity_ref", "")).partition(":")
+        try:
+            at_ms = min(int(event.props.get("at_ms", event.ts_ms)), event.ts_ms)
+        except (TypeError, ValueError):
+            at_ms = event.ts_ms
+        if entity not in ("lead", "account") or not key:
+            out.feedback_unmatched += 1
+            return
+        state = states.get(entity, key)
+        snapshots = state.get("x", [])
+        candidates = [i for i, snapshot in enumerate(snapshots) if snapshot[0] <= at_ms]
+        if not candidates:
+            out.feedback_unmatched += 1
+            return
+        i = max(candidates, key=lambda j: snapshots[j][0])
+        label = 1 if event.props.get("verdict") == "accepted" else 0
+        model = "intent" if entity == "lead" else "churn"
+        out.examples.append(self._example(model, entity, key, event, snapshots[i], label, "feedback"))
+        del snapshots[i]
+        states.changed(entity, key)
 
     @staticmethod
     def _example(model: str, entity: str, key: str, event: Event, snapshot: list[Any], label: int,

@@ -140,7 +140,8 @@ subscribers:
         assert running.notifier is not None
         target = next(a for a in alerts if a["rule"] == "high_intent")
         body = orjson.dumps({"alert_id": target["alert_id"], "account_id": target["account_id"],
-                             "lead_id": target["lead_id"], "verdict": "accepted"})  # fmt: skip
+                             "lead_id": target["lead_id"], "entity": "lead", "entity_id": target["entity_id"],
+                             "verdict": "accepted"})  # fmt: skip
         request = urllib.request.Request(
             f"http://127.0.0.1:{running.notifier.port}/feedback", data=body, method="POST",
             headers={"X-Dealpulse-Subscriber": "sales", **signature_headers("good-secret", body, int(time.time()))},
@@ -148,8 +149,9 @@ subscribers:
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 202
         feedback = _last_events(settings)
-        assert any(e["type"] == "feedback" and e["props"] == {"ref_id": target["alert_id"], "verdict": "accepted"}
-                   for e in feedback)  # fmt: skip
+        expected_props = {"ref_id": target["alert_id"], "verdict": "accepted", "entity_ref": "lead:lead-1",
+                          "at_ms": target["ts_ms"]}  # fmt: skip
+        assert any(e["type"] == "feedback" and e["props"] == expected_props for e in feedback), feedback[-1]
     finally:
         running.stop()
 

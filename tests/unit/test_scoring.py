@@ -71,6 +71,18 @@ def test_feedback_labels_the_score_it_names_and_outcomes_via_the_opportunity() -
     assert [(x.entity_id, x.label) for x in won.examples] == [("lead-9", 1)]
 
 
+def test_a_verdict_on_an_alert_labels_the_newest_snapshot_from_before_the_alert() -> None:
+    scorer = Scorer(SPEC, max_snapshots=5)
+    states = EntityStates(lambda e, k: None, SPEC.fingerprint)
+    for i, day in enumerate((1, 3, 6)):
+        scorer.process(event(i, "meeting", day), states, {})
+    verdict = {"ref_id": "a1b2-0", "verdict": "rejected", "entity_ref": "lead:lead-1", "at_ms": int(4 * DAY_MS)}
+    out = scorer.process(event(9, "feedback", 7, **verdict), states, {})
+    assert [(x.snapshot_ts_ms // DAY_MS, x.label, x.source) for x in out.examples] == [(3, 0, "feedback")]
+    early = scorer.process(event(10, "feedback", 7, **{**verdict, "at_ms": 0}), states, {})
+    assert early.feedback_unmatched == 1 and not early.examples  # nothing was scored before that alert
+
+
 def test_cold_prior_until_a_model_is_given_then_its_version() -> None:
     scorer = Scorer(SPEC, grades=(0.75, 0.5, 0.25))
     states = EntityStates(lambda e, k: None, SPEC.fingerprint)
