@@ -214,3 +214,20 @@ def _last_events(settings: Settings) -> list[dict[str, Any]]:
         out.extend(orjson.loads(m.value()) for m in batch)
     consumer.close()
     return out
+
+
+def test_an_idle_partition_moves_on_with_wall_clock_so_a_quiet_deal_stalls_live(settings: Settings) -> None:
+    settings = settings.model_copy(update={"alert_idle_advance_s": 1.0, "alerter_checkpoint_s": 0.5})
+    running = AlertingThreads(settings, SubscriberConfig(())).start()
+    try:
+        entered = datetime.now(UTC) - timedelta(days=12)  # more than 5 working days ago, whatever today is
+        event = {"event_id": "sc-1", "type": "stage_change", "ts": entered.isoformat(), "account_id": "acme",
+                 "lead_id": "lead-7", "opportunity_id": "opp-7",
+                 "props": {"from_stage": "negotiation", "to_stage": "contract_review"}}  # fmt: skip
+        send(settings, settings.events_topic, [orjson.dumps(event)])
+        # no later event arrives: only wall-clock can move this partition's watermark past the deadline
+        alerts = read_alerts(settings, lambda seen: any(a["rule"] == "contract_review_stalled" for a in seen), 60)
+        stalled = [a for a in alerts if a["rule"] == "contract_review_stalled"]
+        assert [(a["status"], a["entity_id"]) for a in stalled] == [("firing", "opp-7")]
+    finally:
+        running.stop()
