@@ -62,8 +62,10 @@ class IngestService:
     scoring: ScoringService | None = None
     producer: Any = None  # the app's producer (flushed around changelog end markers)
     stopping: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no batch is in flight
 
     def __post_init__(self) -> None:
+        self.idle.set()
         self.rules = contract_rules(self.settings)
         self.writer = BatchWriter(
             self.store,
@@ -86,10 +88,23 @@ class IngestService:
             self.metrics.store_backoff.set(0)
 
     async def ensure_partition_loaded(self, topic: str, partition: int, first_offset: int) -> None:
-        """Load dedup state for a partition this worker just gained (from the store: the source of truth)."""
+        """Load dedup state for a partition this worker just gained (from the store: the source of truth).
+
+        Faust can deliver a message and then move the partition back (to its committed offset, after table
+        recovery): positions from the earlier offset are then loaded too, so stored items are recognised as such.
+        """
+        loop = asyncio.get_running_loop()
+        if self.dedup.needs_positions_from(topic, partition, first_offset):
+            loaded_from = self.dedup.partitions[(topic, partition)].loaded_from
+            _ids, accounted = await loop.run_in_executor(
+                None, load_partition_state, self.store, topic, partition, first_offset, 0.0
+            )
+            self.dedup.add_positions(topic, partition, accounted, first_offset)
+            log.info("partition %s[%d] moved back to offset %d (positions loaded from %d): %d stored positions",
+                     topic, partition, first_offset, loaded_from, len(accounted))  # fmt: skip
+            return
         if self.dedup.is_loaded(topic, partition):
             return
-        loop = asyncio.get_running_loop()
         ids, accounted = await loop.run_in_executor(
             None,
             load_partition_state,
@@ -99,7 +114,7 @@ class IngestService:
             first_offset,
             self.settings.dedup_window_hours,
         )
-        self.dedup.load(topic, partition, ids, accounted)
+        self.dedup.load(topic, partition, ids, accounted, first_offset)
         log.info("partition %s[%d]: %d recent event ids, %d positions already stored from offset %d",
                  topic, partition, len(ids), len(accounted), first_offset)  # fmt: skip
 
@@ -108,12 +123,34 @@ class IngestService:
             self.dedup.forget(tp.topic, tp.partition)
 
     async def handle(self, events: Sequence[EventT], topics: OutputTopics) -> Batch:
+        self.idle.clear()
+        try:
+            return await self._handle(events, topics)
+        finally:
+            self.idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no batch is in flight (its store write done); False if it took longer than ``timeout``."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _handle(self, events: Sequence[EventT], topics: OutputTopics) -> Batch:
         settings = self.settings
         now_ms = int(time.time() * 1000)
         batch = Batch()
         spans: list[tuple[int, int, int]] = []  # (partition, first, end) slices of batch.valid
+        in_batch: set[tuple[int, int]] = set()
         for event in events:
             message = event.message
+            if (message.partition, message.offset) in in_batch:
+                # the consumer was moved back while this batch was being collected: the same message again
+                if settings.metrics_enabled:
+                    self.metrics.redelivered.inc()
+                continue
+            in_batch.add((message.partition, message.offset))
             await self.ensure_partition_loaded(message.topic, message.partition, message.offset)
             first = len(batch.valid)
             process_message(
@@ -126,6 +163,7 @@ class IngestService:
                 settings.max_message_bytes,
                 settings.max_events_per_message,
             )
+            self.dedup.processed(message.topic, message.partition, message.offset)
             if len(batch.valid) > first:
                 spans.append((message.partition, first, len(batch.valid)))
         await self._publish_dead_letters(batch, topics.dlq)
@@ -272,6 +310,10 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Let a batch in flight reach the store first: the next owner loads stored positions when it starts, and
+        # a write landing after that load would make it process the same items again.
+        if not await service.wait_idle(settings.kafka_session_timeout_s / 2):
+            log.warning("a batch was still in flight when partitions were revoked; the next owner may redo it")
         service.forget(list(args[0]))  # args[0]: the revoked partitions
 
     @app.on_partitions_assigned.connect

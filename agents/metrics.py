@@ -42,6 +42,11 @@ class IngestMetrics:
         self.duplicates = Counter(
             "dealpulse_duplicates_dropped_total", "events dropped because their event_id was stored", registry=r
         )
+        self.redelivered = Counter(
+            "dealpulse_messages_redelivered_total",
+            "messages delivered twice within one batch (the consumer moved back); processed once",
+            registry=r,
+        )
         self.replay_skipped = Counter(
             "dealpulse_replay_skipped_total", "items skipped after a restart because the store had them", registry=r
         )

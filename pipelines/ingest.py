@@ -74,6 +74,9 @@ class PartitionDedup:
     seen: dict[str, None] = field(default_factory=dict)  # insertion-ordered, evicted oldest first
     accounted: set[tuple[int, int]] = field(default_factory=set)  # (offset, index) written by a previous run
     accounted_until: int = -1  # highest offset in ``accounted``; past it nothing needs checking
+    loaded_from: int = -1  # the lowest offset whose positions were loaded from the store
+    next_offset: int = -1  # one past the highest offset processed in this run
+    covered_until: int = -1  # positions in [loaded_from, covered_until) are all in ``accounted``
 
 
 @dataclass(slots=True)
@@ -83,10 +86,34 @@ class DedupState:
     max_ids_per_partition: int = 2_000_000
     partitions: dict[tuple[str, int], PartitionDedup] = field(default_factory=dict)
 
-    def load(self, topic: str, partition: int, event_ids: list[str], accounted: set[tuple[int, int]]) -> None:
+    def load(self, topic: str, partition: int, event_ids: list[str], accounted: set[tuple[int, int]],
+             from_offset: int = -1) -> None:  # fmt: skip
         state = PartitionDedup(dict.fromkeys(event_ids[-self.max_ids_per_partition :]), accounted)
         state.accounted_until = max((offset for offset, _ in accounted), default=-1)
+        state.loaded_from = state.covered_until = from_offset
         self.partitions[(topic, partition)] = state
+
+    def needs_positions_from(self, topic: str, partition: int, offset: int) -> bool:
+        """True when a message arrives from before what was loaded or already processed: the consumer was moved
+        back (Faust seeks to the committed offset after table recovery or a rebalance). The store then knows
+        positions this run does not: the ones loaded later and the ones this run wrote itself."""
+        state = self.partitions.get((topic, partition))
+        if state is None or offset < 0:
+            return False
+        return offset < state.loaded_from or state.covered_until <= offset < state.next_offset
+
+    def processed(self, topic: str, partition: int, offset: int) -> None:
+        state = self.partitions.get((topic, partition))
+        if state is not None and offset >= state.next_offset:
+            state.next_offset = offset + 1
+
+    def add_positions(self, topic: str, partition: int, accounted: set[tuple[int, int]], from_offset: int) -> None:
+        """Merge positions stored from ``from_offset`` on (loaded after the consumer moved back to it)."""
+        state = self.partitions[(topic, partition)]
+        state.accounted |= accounted
+        state.accounted_until = max([state.accounted_until, *(offset for offset, _ in accounted)])
+        state.loaded_from = min(state.loaded_from, from_offset)
+        state.covered_until = max(state.covered_until, state.next_offset)
 
     def forget(self, topic: str, partition: int) -> None:
         self.partitions.pop((topic, partition), None)

@@ -75,3 +75,22 @@ def test_seen_ids_are_bounded() -> None:
     state = DedupState(max_ids_per_partition=3)
     run([orjson.dumps(event(str(i))) for i in range(10)], state)
     assert list(state.partitions[("t", 0)].seen) == ["7", "8", "9"]
+
+
+def test_a_consumer_moved_back_over_stored_positions_replays_instead_of_counting_duplicates() -> None:
+    """Faust can seek a partition back (committed offset after recovery): what this run stored must be skipped."""
+    messages = [orjson.dumps(event(f"e{i}")) for i in range(6)]
+    state = DedupState()
+    state.load("t", 0, [], set(), from_offset=2)
+    first = run(messages[2:], state, start_offset=2)
+    for offset in range(2, 6):
+        state.processed("t", 0, offset)
+    assert len(first.events) == 4
+    # back to offset 3 (inside what this run processed) and to offset 0 (before what was loaded)
+    assert state.needs_positions_from("t", 0, 3) and state.needs_positions_from("t", 0, 0)
+    assert not state.needs_positions_from("t", 0, 6)
+    stored = {(offset, 0) for offset in range(2, 6)}  # what the store answers: (offset, item index)
+    state.add_positions("t", 0, stored | {(0, 0), (1, 0)}, from_offset=0)
+    assert not state.needs_positions_from("t", 0, 3)  # covered now: no reload per message
+    again = run(messages, state)
+    assert again.events == [] and again.duplicates == [] and again.replay_skipped == 6
