@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT
 
 from dealpulse.agents.metrics import IngestMetrics
-from dealpulse.agents.scoring import ScoringService, make_tables
+from dealpulse.agents.scoring import HeldStates, ScoringService, make_tables
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
 from dealpulse.pipelines.keywords import KeywordTagger
@@ -31,6 +31,7 @@ from dealpulse.pipelines.store.writer import BatchWriter, RetryPolicy, load_part
 
 log = logging.getLogger(__name__)
 
+Acker = Callable[[EventT], Awaitable[Any]]  # marks a message done, so its offset may be committed
 DLQ_KAFKA_PAYLOAD_LIMIT = 512 * 1024  # larger originals are truncated on the topic; the store keeps them whole
 
 
@@ -50,6 +51,24 @@ class OutputTopics:
 
 
 @dataclass
+class StoreGroup:
+    """Processed batches that go to the store in one insert per table, and are acked together after it."""
+
+    ack: Acker
+    batch: Batch = field(default_factory=Batch)  # the rows of all its batches
+    parts: list[tuple[int, Sequence[EventT], HeldStates]] = field(default_factory=list)  # (seq, messages, states)
+    deliveries: list[asyncio.Future[Any]] = field(default_factory=list)
+    items: int = 0
+
+    def add(self, seq: int, events: Sequence[EventT], batch: Batch, held: HeldStates,
+            deliveries: list[asyncio.Future[Any]]) -> None:  # fmt: skip
+        self.batch.extend(batch)
+        self.parts.append((seq, events, held))
+        self.deliveries.extend(deliveries)
+        self.items += len(batch)
+
+
+@dataclass
 class IngestService:
     """Everything the ingest agent keeps between batches, owned by one app instance."""
 
@@ -62,10 +81,11 @@ class IngestService:
     scoring: ScoringService | None = None
     producer: Any = None  # the app's producer (flushed around changelog end markers)
     stopping: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no batch is in flight
+    _open: StoreGroup | None = None  # processed batches gathering for the next store write
+    _in_flight: deque[asyncio.Future[None]] = field(default_factory=deque)  # closed groups being stored
+    _seq: int = 0  # sequence number of the newest batch
 
     def __post_init__(self) -> None:
-        self.idle.set()
         self.rules = contract_rules(self.settings)
         self.writer = BatchWriter(
             self.store,
@@ -95,6 +115,7 @@ class IngestService:
         """
         loop = asyncio.get_running_loop()
         if self.dedup.needs_positions_from(topic, partition, first_offset):
+            await self.drain()  # what this run wrote must be in the store before positions are read back
             loaded_from = self.dedup.partitions[(topic, partition)].loaded_from
             _ids, accounted = await loop.run_in_executor(
                 None, load_partition_state, self.store, topic, partition, first_offset, 0.0
@@ -105,6 +126,7 @@ class IngestService:
             return
         if self.dedup.is_loaded(topic, partition):
             return
+        await self.drain()
         ids, accounted = await loop.run_in_executor(
             None,
             load_partition_state,
@@ -122,22 +144,67 @@ class IngestService:
         for tp in partitions:
             self.dedup.forget(tp.topic, tp.partition)
 
-    async def handle(self, events: Sequence[EventT], topics: OutputTopics) -> Batch:
-        self.idle.clear()
-        try:
-            return await self._handle(events, topics)
-        finally:
-            self.idle.set()
+    async def handle(self, events: Sequence[EventT], topics: OutputTopics, ack: Acker) -> None:
+        """Process (validate, dedup, score, publish) a batch and add it to the open store group.
+
+        Scores leave as soon as a batch is processed; the store gets the rows of many batches in one insert per
+        table (a ClickHouse insert has a high fixed cost). A group closes after ``store_flush_events`` items or
+        ``store_flush_seconds``; then, in the background and in order, it waits until its DLQ records, scores and
+        examples are in Kafka, writes the store, writes its entity states to the tables, and only then acks its
+        messages — so offsets are committed only after the store accepted them. At most ``groups_in_flight``
+        closed groups wait; past that, processing waits for the store.
+        """
+        self._reap()
+        batch, scored, deliveries = await self._process(events, topics)
+        self._seq += 1
+        held = self.scoring.hold(scored, self._seq) if self.scoring is not None and scored is not None else {}
+        group = self._open
+        if group is None:
+            group = self._open = StoreGroup(ack)
+            asyncio.get_running_loop().call_later(self.settings.store_flush_seconds, self._close_group, group)
+        group.add(self._seq, events, batch, held, deliveries)
+        if group.items >= self.settings.store_flush_events:
+            self._close_group(group)
+        while len(self._in_flight) > self.settings.groups_in_flight:
+            await self._in_flight.popleft()  # back-pressure; raises if that group failed
+        self._reap()
+
+    def _close_group(self, group: StoreGroup) -> None:
+        """Hand the group to the store (once; the timer may find it closed already)."""
+        if self._open is not group:
+            return
+        self._open = None
+        previous = self._in_flight[-1] if self._in_flight else None
+        self._in_flight.append(asyncio.ensure_future(self._complete(previous, group)))
+
+    def _reap(self) -> None:
+        """Drop completed groups; a group that failed fails the agent (nothing of it was acked)."""
+        while self._in_flight and self._in_flight[0].done():
+            self._in_flight.popleft().result()
+
+    async def drain(self) -> None:
+        """Store everything processed so far (and raise if a group failed)."""
+        if self._open is not None:
+            self._close_group(self._open)
+        while self._in_flight:
+            await self._in_flight.popleft()
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no batch is in flight (its store write done); False if it took longer than ``timeout``."""
-        try:
-            await asyncio.wait_for(self.idle.wait(), timeout)
+        """Store everything processed so far; False if it took longer than ``timeout``."""
+        if self._open is not None:
+            self._close_group(self._open)
+        if not self._in_flight:
             return True
-        except TimeoutError:
-            return False
+        _done, waiting = await asyncio.wait(list(self._in_flight), timeout=timeout)
+        if not waiting:
+            self._in_flight.clear()
+            if self.scoring is not None:
+                self.scoring.forget_pending()
+        return not waiting
 
-    async def _handle(self, events: Sequence[EventT], topics: OutputTopics) -> Batch:
+    async def _process(
+        self, events: Sequence[EventT], topics: OutputTopics
+    ) -> tuple[Batch, dict[int, Any] | None, list[asyncio.Future[Any]]]:
         settings = self.settings
         now_ms = int(time.time() * 1000)
         batch = Batch()
@@ -166,31 +233,49 @@ class IngestService:
             self.dedup.processed(message.topic, message.partition, message.offset)
             if len(batch.valid) > first:
                 spans.append((message.partition, first, len(batch.valid)))
-        await self._publish_dead_letters(batch, topics.dlq)
+        deliveries = await self._publish_dead_letters(batch, topics.dlq)
         scored = None
         if self.scoring is not None:
             await self.scoring.wait_for_snapshots()
             scored = self.scoring.score_batch(events, batch, spans)
-            await self.scoring.publish(scored, topics.scores, topics.training)
-            if settings.metrics_enabled:
-                published = time.time()
-                for event in events[-16:]:
-                    self.metrics.kafka_to_score.observe(max(0.0, published - event.message.timestamp))
-        await asyncio.get_running_loop().run_in_executor(None, self.writer.write, batch)
-        if self.scoring is not None and scored is not None:
-            written = await self.scoring.commit_states(events, scored, self.producer)
-            if settings.metrics_enabled:
-                self.metrics.states_written.inc(written)
-        if settings.metrics_enabled:
-            self._observe(events, batch)
-        return batch
+            sent = await self.scoring.publish(scored, topics.scores, topics.training)
+            if sent and settings.metrics_enabled:
+                scores_delivered = asyncio.gather(*sent)
+                scores_delivered.add_done_callback(lambda _: self._observe_scored(events))
+                sent = [scores_delivered]
+            deliveries.extend(sent)
+        return batch, scored, deliveries
 
-    async def _publish_dead_letters(self, batch: Batch, dlq_topic: faust.TopicT) -> None:
-        """Original bytes as the value, the reason and source position as headers (Kafka Connect style)."""
+    async def _complete(self, previous: asyncio.Future[None] | None, group: StoreGroup) -> None:
+        if previous is not None:
+            await previous  # groups complete in order; a failed one fails the ones after it
+        await asyncio.gather(*group.deliveries)
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.write, group.batch)
+        if self.scoring is not None:
+            written = await self.scoring.commit_states(group.parts, self.producer)
+            if self.settings.metrics_enabled:
+                self.metrics.states_written.inc(written)
+        for _seq, events, _held in group.parts:
+            for event in events:
+                await group.ack(event)
+        if self.settings.metrics_enabled:
+            self._observe([event for _seq, events, _held in group.parts for event in events], group.batch)
+
+    def _observe_scored(self, events: Sequence[EventT]) -> None:
+        """Kafka append of the source message -> its scores delivered to Kafka (a sample keeps it cheap)."""
+        delivered = time.time()
+        for event in events[-16:]:
+            self.metrics.kafka_to_score.observe(max(0.0, delivered - event.message.timestamp))
+
+    async def _publish_dead_letters(self, batch: Batch, dlq_topic: faust.TopicT) -> list[asyncio.Future[Any]]:
+        """Original bytes as the value, the reason and source position as headers (Kafka Connect style).
+
+        Returns the delivery futures: the batch may be acked only after they resolved.
+        """
+        pending: list[asyncio.Future[Any]] = []
         if not batch.dlq:
-            return
+            return pending
         at = {name: i for i, name in enumerate(DLQ_COLUMNS)}
-        pending = []
         for row in batch.dlq:
             payload: bytes = row[at["payload"]]
             headers = [
@@ -207,7 +292,7 @@ class IngestService:
                 headers.append(("dealpulse.dlq.truncated", str(len(payload)).encode()))
                 payload = payload[:DLQ_KAFKA_PAYLOAD_LIMIT]
             pending.append(await dlq_topic.send(key=row[at["dlq_id"]].encode(), value=payload, headers=headers))
-        await asyncio.gather(*pending)  # delivered before the batch may be acked
+        return pending
 
     def _observe(self, events: Sequence[EventT], batch: Batch) -> None:
         m = self.metrics
@@ -304,9 +389,9 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
 
     @app.agent(events_topic, name="ingest")
     async def ingest(stream: Any) -> None:
-        # take_events acks the batch only after this loop body returns, i.e. after the store accepted it
-        async for events in stream.take_events(settings.batch_max_messages, within=settings.batch_max_seconds):
-            await service.handle(events, topics)
+        # noack_take leaves acking to us: a batch is acked once the store accepted it (see IngestService.handle)
+        async for events in stream.noack_take(settings.batch_max_messages, within=settings.batch_max_seconds):
+            await service.handle(events, topics, stream.ack)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -333,6 +418,8 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
 
     @app.on_before_shutdown.connect
     async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        if not await service.wait_idle(settings.kafka_session_timeout_s / 2):
+            log.warning("stopping with batches still in flight: they are processed again on restart")
         service.stopping = True
         if service.scoring is not None:
             service.scoring.follower.stop()

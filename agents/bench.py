@@ -406,25 +406,36 @@ def histogram_quantile(text: str, name: str, q: float) -> float | None:
     return None
 
 
-def score_latency_at(workdir: Path, messages: list[tuple[str, bytes, int]], events_per_s: float) -> dict[str, Any]:
-    """p50/p99 Kafka append -> scores published, with events offered at ``events_per_s``.
+def score_latency_at(
+    workdir: Path, messages: list[tuple[str, bytes, int]], events_per_s: float, warmup_s: float = 2.0, **overrides: Any
+) -> dict[str, Any]:
+    """p50/p99 Kafka append -> scores delivered to Kafka, with events offered at ``events_per_s``.
 
-    Batches flush after 20 ms here (latency mode), not after 0.5 s as in throughput mode.
+    The worker runs with its default settings (``overrides`` change them); quantiles leave out the first
+    ``warmup_s`` seconds (connections, first fetches, the backlog of the assignment).
     """
-    import urllib.request
+    from dealpulse.agents.stack import metrics_text
 
-    with EmbeddedStack(workdir, batch_max_seconds=0.02) as stack:
+    name = "dealpulse_kafka_to_score_seconds"
+    with EmbeddedStack(workdir, **overrides) as stack:
         worker = stack.start_worker()
         wait_worker_ready(worker)
-        _, sent = produce(stack.settings, _paced(messages, events_per_s))
+        started = time.monotonic()
+        before: list[str] = []
+
+        def after_warmup(_sent: int) -> None:
+            if not before and time.monotonic() - started >= warmup_s:
+                before.append(metrics_text(worker))
+
+        _, sent = produce(stack.settings, _paced(messages, events_per_s), on_progress=after_warmup)
         stack.wait_accounted(sent, 600)
-        with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    p50 = histogram_quantile(text, "dealpulse_kafka_to_score_seconds", 0.5)
-    p99 = histogram_quantile(text, "dealpulse_kafka_to_score_seconds", 0.99)
+        text = _histogram_delta(before[0] if before else "", metrics_text(worker), name)
+    p50 = histogram_quantile(text, name, 0.5)
+    p99 = histogram_quantile(text, name, 0.99)
     return {
         "latency_events_per_s_offered": round(events_per_s, 1),
         "latency_events": sent,
+        "latency_warmup_s": warmup_s,
         "p50_kafka_to_score_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_kafka_to_score_ms": round(p99 * 1000, 1) if p99 is not None else None,
     }

@@ -8,6 +8,10 @@ state of the entities whose events live on *p* (co-partitioned by account_id, wh
 Per batch: load each touched entity once, fold and score every event, publish scores (one message per input
 partition, same partition number) and labelled examples (one message on the one-partition training topic), then —
 after the store accepted the batch — write the touched states back to the tables.
+
+Batches are pipelined: the next batch is scored while the store still writes the previous one. Its states reach
+the tables only after that write, so until then they wait in ``pending`` (serialised, one copy per batch), and the
+next batch reads them from there: it continues from the newest state without making it durable early.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +43,9 @@ from dealpulse.pipelines.settings import Settings
 log = logging.getLogger(__name__)
 
 ITEMS_PER_MESSAGE = 1000  # scores or examples per Kafka message: well under the brokers' 1 MB default
+STATES_PER_SLICE = 200  # table writes between two yields to the event loop (each is a changelog send)
 END_MARKER = b"\x00end"  # not an entity id: ids are text
+HeldStates = dict[int, list[tuple[str, str, bytes]]]  # partition -> (entity, key, serialised state) of a batch
 ENTITY_TABLES = {"lead": "leads", "account": "accounts", "opportunity": "opportunities"}
 
 
@@ -131,6 +138,8 @@ class ScoringService:
     spec: FeatureSpec = field(init=False)
     scorer: Scorer = field(init=False)
     follower: SnapshotFollower = field(init=False)
+    # (entity, key) -> (batch sequence number, serialised state) of states scored but not yet in the tables
+    pending: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -153,7 +162,8 @@ class ScoringService:
         self.follower.caught_up.set()  # after the timeout: score with the prior rather than not at all
 
     def _load(self, entity: str, key: str) -> dict[str, Any] | None:
-        raw = self.tables[entity].get(key.encode())
+        waiting = self.pending.get((entity, key))
+        raw = waiting[1] if waiting is not None else self.tables[entity].get(key.encode())
         if raw is None:
             return None
         state: dict[str, Any] = orjson.loads(raw)
@@ -213,56 +223,83 @@ class ScoringService:
                     states.cache[(entity, key)] = {"t": 0, "s": {}, "a": [], "v": self.spec.fingerprint}
 
     async def publish(self, per_partition: dict[int, Any], scores_topic: faust.TopicT,
-                      training_topic: faust.TopicT) -> None:  # fmt: skip
-        """Scores to their partition (in order per account), examples to the one training partition."""
-        pending = []
+                      training_topic: faust.TopicT) -> list[asyncio.Future[Any]]:  # fmt: skip
+        """Send scores to their partition (in order per account), examples to the one training partition.
+
+        Returns the delivery futures: the batch may be acked only after they all resolved.
+        """
+        deliveries = []
         examples: list[dict[str, Any]] = []
         unmatched = 0
         for partition, (_states, out) in per_partition.items():
             for chunk in _chunks(out.scores, ITEMS_PER_MESSAGE):
                 value = orjson.dumps([score.to_json() for score in chunk])
-                pending.append(await scores_topic.send(value=value, partition=partition))
+                deliveries.append(await scores_topic.send(value=value, partition=partition))
             examples.extend(example.to_json() for example in out.examples)
             unmatched += out.feedback_unmatched
         for chunk in _chunks(examples, ITEMS_PER_MESSAGE):
-            pending.append(await training_topic.send(value=orjson.dumps(chunk), partition=0))
-        for future in pending:
-            await future  # delivered before the batch may be acked
+            deliveries.append(await training_topic.send(value=orjson.dumps(chunk), partition=0))
         if self.settings.metrics_enabled:
             m = self.metrics
+            graded: Counter[tuple[str, str]] = Counter()
+            learned: Counter[tuple[str, str]] = Counter()
             for _partition, (_states, out) in per_partition.items():
-                for score in out.scores:
-                    m.scores.labels(score.model, score.grade).inc()
-                for example in out.examples:
-                    m.examples.labels(example.model, example.source).inc()
+                graded.update((score.model, score.grade) for score in out.scores)
+                learned.update((example.model, example.source) for example in out.examples)
+            for (model, grade), count in graded.items():
+                m.scores.labels(model, grade).inc(count)
+            for (model, source), count in learned.items():
+                m.examples.labels(model, source).inc(count)
             m.feedback_unmatched.inc(unmatched)
             for name, snapshot in self.follower.snapshots.items():
                 m.model_version.labels(name).set(snapshot.version)
                 m.model_snapshot_age.labels(name).set(max(0.0, time.time() - snapshot.created_ms / 1000))
+        return deliveries
 
-    async def commit_states(self, events: Sequence[EventT], per_partition: dict[int, Any],
-                            producer: Any) -> int:  # fmt: skip
-        """Write every touched state back to its table, in the partition it came from; returns states written."""
-        anchor: dict[int, EventT] = {}
-        for event in events:
-            anchor.setdefault(event.message.partition, event)
-        written = 0
-        touched: dict[int, set[str]] = {}
+    def hold(self, per_partition: dict[int, Any], seq: int) -> HeldStates:
+        """Serialise the batch's touched states and keep them in ``pending`` until :meth:`commit_states`."""
+        held: HeldStates = {}
+        pending = self.pending
         for partition, (states, _out) in per_partition.items():
-            with in_partition_of(anchor[partition]):
-                for entity, key in states.dirty:
-                    self.tables[entity][key.encode()] = orjson.dumps(states.cache[(entity, key)])
-                    touched.setdefault(partition, set()).add(entity)
-                    written += 1
-        if self.settings.changelog_end_markers and touched:
+            rows = held.setdefault(partition, [])
+            for entity, key in states.dirty:
+                raw = orjson.dumps(states.cache[(entity, key)])
+                pending[(entity, key)] = (seq, raw)
+                rows.append((entity, key, raw))
+        return held
+
+    def forget_pending(self) -> None:
+        """Nothing in flight any more (all written, or given up with the partitions): read the tables again."""
+        self.pending.clear()
+
+    async def commit_states(self, parts: Sequence[tuple[int, Sequence[EventT], HeldStates]], producer: Any) -> int:
+        """Write the states of these batches ((seq, messages, states), in order) to their tables, each in the
+        partition it came from; returns states written."""
+        written = 0
+        anchor: dict[int, EventT] = {}
+        pending = self.pending
+        for seq, events, held in parts:
+            for event in events:
+                anchor.setdefault(event.message.partition, event)
+            for partition, rows in held.items():
+                for start in range(0, len(rows), STATES_PER_SLICE):
+                    with in_partition_of(anchor[partition]):
+                        for entity, key, raw in rows[start : start + STATES_PER_SLICE]:
+                            self.tables[entity][key.encode()] = raw
+                            waiting = pending.get((entity, key))
+                            if waiting is not None and waiting[0] == seq:  # no later batch changed it since
+                                del pending[(entity, key)]
+                    written += len(rows[start : start + STATES_PER_SLICE])
+                    await asyncio.sleep(0)  # let the next batch be scored meanwhile: scores wait for no store
+        if self.settings.changelog_end_markers and written:
             # Tansu reports a high watermark of (base offset of the last batch + 1), and Faust recovers a table up
             # to the high watermark. A marker alone in the last batch of each changelog partition makes that
             # watermark exact, so a restarted worker recovers every state (the restart test proves it).
             await producer.flush()
-            for partition, entities in touched.items():
-                with in_partition_of(anchor[partition]):
-                    for entity in entities:
-                        self.tables[entity][END_MARKER] = b""
+            for event in anchor.values():
+                with in_partition_of(event):
+                    for table in self.tables.values():
+                        table[END_MARKER] = b""
             await producer.flush()
         return written
 

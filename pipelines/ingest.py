@@ -136,6 +136,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.events) + len(self.dlq) + len(self.duplicates)
 
+    def extend(self, other: Batch) -> None:
+        """Append another batch's rows (for one store write of several batches)."""
+        self.events.extend(other.events)
+        self.dlq.extend(other.dlq)
+        self.duplicates.extend(other.duplicates)
+        self.valid.extend(other.valid)
+        self.scores.extend(other.scores)
+        self.replay_skipped += other.replay_skipped
+
 
 def decode_message(raw: bytes, max_bytes: int, max_events: int) -> list[Any] | Rejection:
     """Decode a message value into its items (one object, or an array of them)."""

@@ -125,8 +125,13 @@ class Settings(BaseSettings):
     notifier_public_url: str = Field("", description="base URL subscribers post feedback to")
 
     # sink
-    batch_max_messages: int = Field(500, ge=1, description="flush after this many Kafka messages ...")
-    batch_max_seconds: float = Field(0.5, gt=0, description="... or after this long, whichever first")
+    batch_max_messages: int = Field(500, ge=1, description="process (score) after this many Kafka messages ...")
+    batch_max_seconds: float = Field(0.02, gt=0, description="... or after this long, whichever first")
+    store_flush_events: int = Field(50_000, ge=1, description="write processed items to the store at this many ...")
+    store_flush_seconds: float = Field(0.5, gt=0, description="... or this long after the first, whichever first")
+    groups_in_flight: int = Field(
+        2, ge=1, le=16, description="store writes waiting while processing goes on; past that processing waits"
+    )
     store_retry_initial_s: float = Field(0.2, gt=0)
     store_retry_max_s: float = Field(10.0, gt=0)
 
