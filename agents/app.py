@@ -21,6 +21,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT
 
 from dealpulse.agents.metrics import IngestMetrics
+from dealpulse.agents.output import OutputProducer
 from dealpulse.agents.scoring import HeldStates, ScoringService, make_tables
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
@@ -41,13 +42,6 @@ def contract_rules(settings: Settings) -> ContractRules:
     tagger = KeywordTagger.from_file(settings.keywords_file) if settings.keywords_file else KeywordTagger.default()
     min_ts = int(datetime.fromisoformat(settings.min_event_time).timestamp() * 1000)
     return ContractRules(min_ts, int(settings.max_future_skew_s * 1000), frozenset(settings.stages), tagger)
-
-
-@dataclass(frozen=True)
-class OutputTopics:
-    dlq: faust.TopicT
-    scores: faust.TopicT
-    training: faust.TopicT
 
 
 @dataclass
@@ -79,7 +73,7 @@ class IngestService:
     dedup: DedupState = field(default_factory=DedupState)
     writer: BatchWriter = field(init=False)
     scoring: ScoringService | None = None
-    producer: Any = None  # the app's producer (flushed around changelog end markers)
+    output: OutputProducer | None = None  # scores, examples, dead letters (see start_output)
     stopping: bool = False
     _open: StoreGroup | None = None  # processed batches gathering for the next store write
     _in_flight: deque[asyncio.Future[None]] = field(default_factory=deque)  # closed groups being stored
@@ -94,6 +88,13 @@ class IngestService:
             on_retry=self._on_retry,
             on_insert=self._on_insert,
         )
+
+    def start_output(self) -> None:
+        """Create the output producer on the running event loop (once)."""
+        if self.output is None:
+            self.output = OutputProducer(self.settings, asyncio.get_running_loop())
+            if self.scoring is not None:
+                self.scoring.attach(self.output)
 
     def _on_retry(self, table: str, attempt: int, exc: Exception) -> None:
         if self.settings.metrics_enabled:
@@ -144,7 +145,7 @@ class IngestService:
         for tp in partitions:
             self.dedup.forget(tp.topic, tp.partition)
 
-    async def handle(self, events: Sequence[EventT], topics: OutputTopics, ack: Acker) -> None:
+    async def handle(self, events: Sequence[EventT], ack: Acker) -> None:
         """Process (validate, dedup, score, publish) a batch and add it to the open store group.
 
         Scores leave as soon as a batch is processed; the store gets the rows of many batches in one insert per
@@ -155,7 +156,7 @@ class IngestService:
         closed groups wait; past that, processing waits for the store.
         """
         self._reap()
-        batch, scored, deliveries = await self._process(events, topics)
+        batch, scored, deliveries = await self._process(events)
         self._seq += 1
         held = self.scoring.hold(scored, self._seq) if self.scoring is not None and scored is not None else {}
         group = self._open
@@ -203,7 +204,7 @@ class IngestService:
         return not waiting
 
     async def _process(
-        self, events: Sequence[EventT], topics: OutputTopics
+        self, events: Sequence[EventT]
     ) -> tuple[Batch, dict[int, Any] | None, list[asyncio.Future[Any]]]:
         settings = self.settings
         now_ms = int(time.time() * 1000)
@@ -233,12 +234,14 @@ class IngestService:
             self.dedup.processed(message.topic, message.partition, message.offset)
             if len(batch.valid) > first:
                 spans.append((message.partition, first, len(batch.valid)))
-        deliveries = await self._publish_dead_letters(batch, topics.dlq)
+        output = self.output
+        assert output is not None, "start_output() before the first batch"
+        deliveries: list[asyncio.Future[Any]] = list(self._publish_dead_letters(batch, output))
         scored = None
         if self.scoring is not None:
             await self.scoring.wait_for_snapshots()
             scored = self.scoring.score_batch(events, batch, spans)
-            sent = await self.scoring.publish(scored, topics.scores, topics.training)
+            sent: list[asyncio.Future[Any]] = list(self.scoring.publish(scored, output))
             if sent and settings.metrics_enabled:
                 scores_delivered = asyncio.gather(*sent)
                 scores_delivered.add_done_callback(lambda _: self._observe_scored(events))
@@ -252,7 +255,7 @@ class IngestService:
         await asyncio.gather(*group.deliveries)
         await asyncio.get_running_loop().run_in_executor(None, self.writer.write, group.batch)
         if self.scoring is not None:
-            written = await self.scoring.commit_states(group.parts, self.producer)
+            written = await self.scoring.commit_states(group.parts)
             if self.settings.metrics_enabled:
                 self.metrics.states_written.inc(written)
         for _seq, events, _held in group.parts:
@@ -267,12 +270,12 @@ class IngestService:
         for event in events[-16:]:
             self.metrics.kafka_to_score.observe(max(0.0, delivered - event.message.timestamp))
 
-    async def _publish_dead_letters(self, batch: Batch, dlq_topic: faust.TopicT) -> list[asyncio.Future[Any]]:
+    def _publish_dead_letters(self, batch: Batch, output: OutputProducer) -> list[asyncio.Future[int]]:
         """Original bytes as the value, the reason and source position as headers (Kafka Connect style).
 
         Returns the delivery futures: the batch may be acked only after they resolved.
         """
-        pending: list[asyncio.Future[Any]] = []
+        pending: list[asyncio.Future[int]] = []
         if not batch.dlq:
             return pending
         at = {name: i for i, name in enumerate(DLQ_COLUMNS)}
@@ -291,7 +294,8 @@ class IngestService:
             if len(payload) > DLQ_KAFKA_PAYLOAD_LIMIT:
                 headers.append(("dealpulse.dlq.truncated", str(len(payload)).encode()))
                 payload = payload[:DLQ_KAFKA_PAYLOAD_LIMIT]
-            pending.append(await dlq_topic.send(key=row[at["dlq_id"]].encode(), value=payload, headers=headers))
+            key = row[at["dlq_id"]].encode()
+            pending.append(output.send(self.settings.dlq_topic, payload, key=key, headers=headers))
         return pending
 
     def _observe(self, events: Sequence[EventT], batch: Batch) -> None:
@@ -374,24 +378,19 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
     service = IngestService(settings, connect(settings), metrics)
     if settings.scoring_enabled:
         service.scoring = ScoringService(settings, make_tables(app, settings), metrics)
-        service.producer = app.producer
     events_topic = app.topic(
         settings.events_topic,
         key_serializer="raw",
         value_serializer="raw",
         partitions=settings.topic_partitions,
     )
-    topics = OutputTopics(
-        app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw"),
-        app.topic(settings.scores_topic, key_serializer="raw", value_serializer="raw"),
-        app.topic(settings.training_topic, key_serializer="raw", value_serializer="raw"),
-    )
 
     @app.agent(events_topic, name="ingest")
     async def ingest(stream: Any) -> None:
+        service.start_output()
         # noack_take leaves acking to us: a batch is acked once the store accepted it (see IngestService.handle)
         async for events in stream.noack_take(settings.batch_max_messages, within=settings.batch_max_seconds):
-            await service.handle(events, topics, stream.ack)
+            await service.handle(events, stream.ack)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -421,6 +420,8 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
         if not await service.wait_idle(settings.kafka_session_timeout_s / 2):
             log.warning("stopping with batches still in flight: they are processed again on restart")
         service.stopping = True
+        if service.output is not None:
+            service.output.close()
         if service.scoring is not None:
             service.scoring.follower.stop()
 

@@ -31,9 +31,10 @@ import faust
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from faust import streams as faust_streams
-from faust.types import EventT, TableT
+from faust.types import TP, EventT, TableT
 
 from dealpulse.agents.metrics import IngestMetrics
+from dealpulse.agents.output import OutputProducer
 from dealpulse.models.online import ModelSnapshot, load_snapshot
 from dealpulse.pipelines.features import DAY_MS, FeatureSpec, load_features
 from dealpulse.pipelines.ingest import Batch
@@ -140,6 +141,7 @@ class ScoringService:
     follower: SnapshotFollower = field(init=False)
     # (entity, key) -> (batch sequence number, serialised state) of states scored but not yet in the tables
     pending: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)
+    changelog_sent: list[asyncio.Future[int]] = field(default_factory=list)  # deliveries not yet awaited
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -222,23 +224,23 @@ class ScoringService:
                 if state["t"] and ts_ms - state["t"] > ttl_ms:
                     states.cache[(entity, key)] = {"t": 0, "s": {}, "a": [], "v": self.spec.fingerprint}
 
-    async def publish(self, per_partition: dict[int, Any], scores_topic: faust.TopicT,
-                      training_topic: faust.TopicT) -> list[asyncio.Future[Any]]:  # fmt: skip
+    def publish(self, per_partition: dict[int, Any], output: OutputProducer) -> list[asyncio.Future[int]]:
         """Send scores to their partition (in order per account), examples to the one training partition.
 
         Returns the delivery futures: the batch may be acked only after they all resolved.
         """
+        settings = self.settings
         deliveries = []
         examples: list[dict[str, Any]] = []
         unmatched = 0
         for partition, (_states, out) in per_partition.items():
             for chunk in _chunks(out.scores, ITEMS_PER_MESSAGE):
-                value = orjson.dumps([score.to_json() for score in chunk])
-                deliveries.append(await scores_topic.send(value=value, partition=partition))
+                value = orjson.dumps(chunk)  # Score is a dataclass: orjson writes it as Score.to_json() would
+                deliveries.append(output.send(settings.scores_topic, value, partition=partition))
             examples.extend(example.to_json() for example in out.examples)
             unmatched += out.feedback_unmatched
         for chunk in _chunks(examples, ITEMS_PER_MESSAGE):
-            deliveries.append(await training_topic.send(value=orjson.dumps(chunk), partition=0))
+            deliveries.append(output.send(settings.training_topic, orjson.dumps(chunk), partition=0))
         if self.settings.metrics_enabled:
             m = self.metrics
             graded: Counter[tuple[str, str]] = Counter()
@@ -272,36 +274,84 @@ class ScoringService:
         """Nothing in flight any more (all written, or given up with the partitions): read the tables again."""
         self.pending.clear()
 
-    async def commit_states(self, parts: Sequence[tuple[int, Sequence[EventT], HeldStates]], producer: Any) -> int:
+    def attach(self, output: OutputProducer) -> None:
+        """Send the tables' changelog records through ``output`` (see :class:`StateTable`)."""
+        for table in self.tables.values():
+            if isinstance(table, StateTable):
+                table.output = output
+                table.sent = self.changelog_sent
+
+    async def commit_states(self, parts: Sequence[tuple[int, Sequence[EventT], HeldStates]]) -> int:
         """Write the states of these batches ((seq, messages, states), in order) to their tables, each in the
-        partition it came from; returns states written."""
-        written = 0
+        partition it came from, and wait until their changelog records are in Kafka; an entity several of them
+        touched is written once, as the newest of them left it. Returns states written."""
         anchor: dict[int, EventT] = {}
-        pending = self.pending
+        newest: dict[int, dict[tuple[str, str], tuple[int, bytes]]] = {}  # partition -> key -> (seq, state)
         for seq, events, held in parts:
             for event in events:
                 anchor.setdefault(event.message.partition, event)
             for partition, rows in held.items():
-                for start in range(0, len(rows), STATES_PER_SLICE):
-                    with in_partition_of(anchor[partition]):
-                        for entity, key, raw in rows[start : start + STATES_PER_SLICE]:
-                            self.tables[entity][key.encode()] = raw
-                            waiting = pending.get((entity, key))
-                            if waiting is not None and waiting[0] == seq:  # no later batch changed it since
-                                del pending[(entity, key)]
-                    written += len(rows[start : start + STATES_PER_SLICE])
-                    await asyncio.sleep(0)  # let the next batch be scored meanwhile: scores wait for no store
+                states = newest.setdefault(partition, {})
+                for entity, key, raw in rows:
+                    states[(entity, key)] = (seq, raw)
+        written = 0
+        pending = self.pending
+        for partition, states in newest.items():
+            items = list(states.items())
+            for start in range(0, len(items), STATES_PER_SLICE):
+                with in_partition_of(anchor[partition]):
+                    for (entity, key), (seq, raw) in items[start : start + STATES_PER_SLICE]:
+                        self.tables[entity][key.encode()] = raw
+                        waiting = pending.get((entity, key))
+                        if waiting is not None and waiting[0] == seq:  # no later batch changed it since
+                            del pending[(entity, key)]
+                written += len(items[start : start + STATES_PER_SLICE])
+                await asyncio.sleep(0)  # let the next batch be scored meanwhile: scores wait for no store
+        await self._changelog_delivered()
         if self.settings.changelog_end_markers and written:
             # Tansu reports a high watermark of (base offset of the last batch + 1), and Faust recovers a table up
             # to the high watermark. A marker alone in the last batch of each changelog partition makes that
             # watermark exact, so a restarted worker recovers every state (the restart test proves it).
-            await producer.flush()
             for event in anchor.values():
                 with in_partition_of(event):
                     for table in self.tables.values():
                         table[END_MARKER] = b""
-            await producer.flush()
+            await self._changelog_delivered()
         return written
+
+    async def _changelog_delivered(self) -> None:
+        sent, self.changelog_sent[:] = list(self.changelog_sent), []
+        if sent:
+            await asyncio.gather(*sent)
+
+
+class StateTable(faust.Table):
+    """A Faust table whose changelog records go through the worker's output producer (librdkafka) once one is
+    attached: Faust's own producer sends them one coroutine at a time (aiokafka), which measured as a burst of
+    event-loop work at every store group — the scoring latency tail. Until then, Faust sends them itself."""
+
+    output: OutputProducer | None = None
+    sent: list[asyncio.Future[int]]
+
+    def on_key_set(self, key: Any, value: Any) -> None:
+        output = self.output
+        if output is None:
+            super().on_key_set(key, value)
+            return
+        partition = self.partition_for_key(key)  # the partition of the event being processed
+        assert partition is not None, "table writes happen inside in_partition_of(event)"
+        topic = self.changelog_topic.get_topic_name()
+        delivery = output.send(topic, value, key=key, partition=partition)
+        tp = TP(topic, partition)
+        delivery.add_done_callback(lambda done: self._persisted(tp, done))
+        self.sent.append(delivery)
+        self._maybe_set_key_ttl(key, partition)
+        self._sensor_on_set(self, key, value)
+
+    def _persisted(self, tp: TP, done: asyncio.Future[int]) -> None:
+        # what Faust's own callback does: RocksDB remembers how far its changelog is already applied
+        if not done.cancelled() and done.exception() is None:
+            self.data.set_persisted_offset(tp, done.result())
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -309,15 +359,20 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def make_tables(app: faust.App, settings: Settings) -> dict[str, TableT]:
-    """One changelog-backed table per entity kind, partitioned like the events topic."""
+def make_tables(app: faust.App, settings: Settings) -> dict[str, Any]:
+    """One changelog-backed table per entity kind, partitioned like the events topic (what ``app.Table`` does,
+    with our table class)."""
     return {
-        entity: app.Table(
-            name,
-            partitions=settings.topic_partitions,
-            key_type=bytes,  # bytes -> the "raw" serializer for the table and its changelog (recovery too)
-            value_type=bytes,
-            help=f"dealpulse {entity} state",
+        entity: app.tables.add(
+            StateTable(
+                app,
+                name=name,
+                beacon=app.tables.beacon,
+                partitions=settings.topic_partitions,
+                key_type=bytes,  # bytes -> the "raw" serializer for the table and its changelog (recovery too)
+                value_type=bytes,
+                help=f"dealpulse {entity} state",
+            )
         )
         for entity, name in ENTITY_TABLES.items()
     }

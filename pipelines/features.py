@@ -96,6 +96,15 @@ class FeatureSpec:
                 index.setdefault((feature.entity, event_type), []).append(feature)
         object.__setattr__(self, "_by_type", {key: tuple(value) for key, value in index.items()})
         object.__setattr__(self, "_by_entity", {e: tuple(f for f in self.features if f.entity == e) for e in ENTITIES})
+        # hot path: each feature with its value before it has seen anything; the prior's non-zero terms
+        object.__setattr__(
+            self, "_plan", {e: tuple((f, feature_value(f, None, 0)) for f in self.of(e)) for e in ENTITIES}
+        )
+        object.__setattr__(
+            self,
+            "_prior_terms",
+            {e: tuple((i, f.prior, f.scale) for i, f in enumerate(self.of(e)) if f.prior) for e in ENTITIES},
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -124,14 +133,18 @@ class FeatureSpec:
         """The entity's feature values at its own event time (the newest event it has seen)."""
         now = state["t"]
         values = state["s"]
-        return [feature_value(f, values.get(f.key), now) for f in self.of(entity)]
+        vector = []
+        for feature, empty in self._plan[entity]:  # type: ignore[attr-defined]
+            current = values.get(feature.key)
+            vector.append(empty if current is None else feature_value(feature, current, now))
+        return vector
 
     def prior(self, entity: str, vector: Sequence[float]) -> float:
         """The documented cold-start score: sigmoid(bias + sum(prior * v / (|v| + scale)))."""
         z = self.model_for(entity).bias
-        for feature, value in zip(self.of(entity), vector, strict=True):
-            if feature.prior:
-                z += feature.prior * value / (abs(value) + feature.scale)
+        for i, weight, scale in self._prior_terms[entity]:  # type: ignore[attr-defined]
+            value = vector[i]
+            z += weight * value / (abs(value) + scale)
         return 1.0 / (1.0 + math.exp(-z))
 
     @classmethod
@@ -274,7 +287,10 @@ def feature_value(feature: Feature, current: Any, now_ms: int) -> float:
         if kind == "max":
             value = max((v for b, v in current if oldest < b <= newest), default=0.0)
         else:
-            value = sum(v for b, v in current if oldest < b <= newest)
+            value = 0.0
+            for bucket, amount in current:  # a plain loop beats sum() over a generator (hot path)
+                if oldest < bucket <= newest:
+                    value += amount
     elif kind in ("count", "sum", "max"):
         value = current
     elif kind == "wow_change":

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     topic_replication: int = Field(1, ge=1)
     consumer_group: str = Field("dealpulse", description="Faust app id = Kafka consumer group")
     kafka_session_timeout_s: float = Field(10.0, ge=1, description="group session and rebalance timeout")
+    output_linger_ms: float = Field(
+        1.0, ge=0, le=1000, description="how long the worker's output producer gathers records into one request"
+    )
     kafka_fetch_wait_ms: int = Field(
         20, ge=0, le=5000, description="longest a fetch waits for data (latency; Tansu always waits this long)"
     )

@@ -123,3 +123,13 @@ def test_resume_continues_the_same_model() -> None:
     resumed = OnlineModel.resume(snapshot.checkpoint)
     assert (resumed.learned, resumed.metrics.examples) == (500, 500)
     assert resumed.pipeline.predict_proba_one({"x": 1.0}) == model.pipeline.predict_proba_one({"x": 1.0})
+
+
+def test_a_score_serialises_to_the_topic_contract_directly() -> None:
+    """The worker hands Score dataclasses to orjson; the scores topic must still carry Score.to_json()."""
+    import orjson
+
+    from dealpulse.pipelines.scoring import Score
+
+    score = Score("lead:l-1:e-9", "intent", "lead", "l-1", "acme", "e-9", 1_700_000_000_000, 0.731204, "B", 3, False)
+    assert orjson.loads(orjson.dumps([score])) == [score.to_json()]
