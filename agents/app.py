@@ -1,9 +1,11 @@
 """The Faust app: built by :func:`create_app` from one Settings object; all state lives in the services it makes.
 
 Ingest agent: consumes ``dealpulse.events`` in batches (``batch_max_messages`` or ``batch_max_seconds``,
-whichever first), validates and dedups every item, publishes dead letters to ``dealpulse.events.dlq``, writes
-events / DLQ / duplicates to the store, and only then lets Faust ack the batch — so offsets are committed only
-after the store accepted it. If the store is down the agent retries with backoff and stops consuming meanwhile.
+whichever first), validates and dedups every item, publishes dead letters to ``dealpulse.events.dlq`` and scores
+to ``dealpulse.scores`` right away, and gathers the batches' rows into store groups (``store_flush_events`` or
+``store_flush_seconds``). A group is written to the store in the background and its messages are acked only after
+the store accepted it — so offsets are committed only after the store has the rows. If the store is down the
+writer retries with backoff, and processing stops once ``groups_in_flight`` groups wait.
 """
 
 from __future__ import annotations
