@@ -363,7 +363,7 @@ def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[f
     from dealpulse.pipelines.scoring import EntityStates, Output, Scorer
 
     spec = FeatureSpec.default()
-    scorer = Scorer(spec)
+    scorer = Scorer.from_settings(spec, Settings())  # as a worker with the default settings runs it
     rules = ContractRules.default()
     dedup = DedupState()
     states = EntityStates(lambda entity, key: None, spec.fingerprint)

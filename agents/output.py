@@ -6,7 +6,9 @@ never queued behind a burst of changelog records (one request in flight per brok
 the embedded broker, that queueing was most of the scoring latency tail.
 
 Each send returns an asyncio future that resolves to the record's offset when the broker acknowledged it (or
-fails with the delivery error), so a batch is acked only after its outputs are durable.
+fails with the delivery error), so a batch is acked only after its outputs are durable. The poller thread hands
+the deliveries of each poll to the event loop at once: one wake-up per poll, not one per record (a store group
+writes thousands of changelog records).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class OutputProducer:
                 "message.max.bytes": 2 * 1024 * 1024,
             }
         )
+        self._delivered: list[tuple[asyncio.Future[int], KafkaError | None, int]] = []  # of the current poll
+        self._polling = threading.Lock()  # one poller at a time: callbacks append to the shared list
         self._stop = threading.Event()
         # delivery callbacks are served by poll(): a thread of our own polls, so the event loop never blocks
         self._poller = threading.Thread(target=self._poll, name="output-deliveries", daemon=True)
@@ -49,9 +53,10 @@ class OutputProducer:
     ) -> asyncio.Future[int]:
         """Queue one record; the future resolves to its offset once the broker has it."""
         future: asyncio.Future[int] = self.loop.create_future()
+        delivered_now = self._delivered
 
-        def delivered(error: KafkaError | None, message: Any) -> None:
-            self.loop.call_soon_threadsafe(_resolve, future, error, -1 if error else message.offset())
+        def delivered(error: KafkaError | None, message: Any) -> None:  # in poll(), on whichever thread polls
+            delivered_now.append((future, error, -1 if error else message.offset()))
 
         extra: dict[str, Any] = {}
         if partition is not None:
@@ -63,11 +68,14 @@ class OutputProducer:
                 self._producer.produce(topic, value=value, key=key, on_delivery=delivered, **extra)
                 return future
             except BufferError:  # the local queue is full: let deliveries drain (rare; bounded by back-pressure)
-                self._producer.poll(0.01)
+                self._poll_once(0.01)
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for everything queued; returns how many records are still undelivered."""
-        return int(self._producer.flush(timeout))
+        with self._polling:
+            remaining = int(self._producer.flush(timeout))
+            self._hand_over()
+        return remaining
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush(timeout)
@@ -76,13 +84,24 @@ class OutputProducer:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            self._poll_once(0.05)
+
+    def _poll_once(self, timeout: float) -> None:
+        with self._polling:
+            self._producer.poll(timeout)
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._delivered:
+            delivered, self._delivered[:] = list(self._delivered), []
+            self.loop.call_soon_threadsafe(_resolve_all, delivered)
 
 
-def _resolve(future: asyncio.Future[int], error: KafkaError | None, offset: int) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(offset)
-    else:
-        future.set_exception(KafkaException(error))
+def _resolve_all(delivered: list[tuple[asyncio.Future[int], KafkaError | None, int]]) -> None:
+    for future, error, offset in delivered:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(offset)
+        else:
+            future.set_exception(KafkaException(error))

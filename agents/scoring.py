@@ -36,7 +36,7 @@ from faust.types import TP, EventT, TableT
 from dealpulse.agents.metrics import IngestMetrics
 from dealpulse.agents.output import OutputProducer
 from dealpulse.models.online import ModelSnapshot, load_snapshot
-from dealpulse.pipelines.features import DAY_MS, FeatureSpec, load_features
+from dealpulse.pipelines.features import FeatureSpec, load_features
 from dealpulse.pipelines.ingest import Batch
 from dealpulse.pipelines.scoring import EntityStates, Output, Predictor, Scorer
 from dealpulse.pipelines.settings import Settings
@@ -146,12 +146,7 @@ class ScoringService:
     def __post_init__(self) -> None:
         settings = self.settings
         self.spec = load_features(settings.features_file)
-        self.scorer = Scorer(
-            self.spec,
-            settings.grade_thresholds,
-            settings.snapshots_per_entity,
-            label_guard_ms=int(settings.label_guard_s * 1000),
-        )
+        self.scorer = Scorer.from_settings(self.spec, settings)
         self.follower = SnapshotFollower(settings, self.spec)
 
     async def wait_for_snapshots(self, timeout: float = 15.0) -> None:
@@ -181,7 +176,6 @@ class ScoringService:
         per_partition: dict[int, tuple[EntityStates, Output]] = {}
         now_ms = int(time.time() * 1000)
         topic = self.settings.events_topic
-        ttl_ms = int(self.settings.state_ttl_days * DAY_MS)
         for partition, first, end in spans:
             if partition not in per_partition:
                 per_partition[partition] = (EntityStates(self._load, self.spec.fingerprint), Output())
@@ -190,7 +184,6 @@ class ScoringService:
             for i in range(first, end):
                 event = batch.valid[i]
                 scored_before = len(out.scores)
-                self._expire_idle(states, event.lead_id, event.account_id, event.ts_ms, ttl_ms)
                 scorer.process_into(event, states, models, out)
                 row = batch.events[i]
                 for score in out.scores[scored_before:]:
@@ -215,14 +208,6 @@ class ScoringService:
                         )
                     )
         return per_partition
-
-    def _expire_idle(self, states: EntityStates, lead: str, account: str, ts_ms: int, ttl_ms: int) -> None:
-        """State idle longer than the TTL (in event time) starts afresh: it no longer describes the entity."""
-        for entity, key in (("lead", lead), ("account", account)):
-            if key:
-                state = states.get(entity, key)
-                if state["t"] and ts_ms - state["t"] > ttl_ms:
-                    states.cache[(entity, key)] = {"t": 0, "s": {}, "a": [], "v": self.spec.fingerprint}
 
     def publish(self, per_partition: dict[int, Any], output: OutputProducer) -> list[asyncio.Future[int]]:
         """Send scores to their partition (in order per account), examples to the one training partition.

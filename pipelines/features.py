@@ -24,6 +24,7 @@ UTC day (or hour, for windows under two days), so state stays bounded however ma
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -106,7 +107,7 @@ class FeatureSpec:
             {e: tuple((i, f.prior, f.scale) for i, f in enumerate(self.of(e)) if f.prior) for e in ENTITIES},
         )
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Changes whenever the features change: state written under another spec is not reused."""
         import hashlib

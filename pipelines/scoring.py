@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dealpulse.pipelines.contract import Event
-from dealpulse.pipelines.features import FeatureSpec, baseline, new_state, update_state
+from dealpulse.pipelines.features import DAY_MS, FeatureSpec, baseline, new_state, update_state
+from dealpulse.pipelines.settings import Settings
 
 POSITIVE_OUTCOMES = {"won": ("intent", 1), "lost": ("intent", 0), "churned": ("churn", 1), "renewed": ("churn", 0)}
 SCORE_COLUMNS = (
@@ -148,6 +149,13 @@ class EntityStates:
     def changed(self, entity: str, key: str) -> None:
         self.dirty.add((entity, key))
 
+    def restart(self, entity: str, key: str) -> None:
+        """Forget what the state says: the entity starts afresh (written back at the end of the batch)."""
+        state = new_state()
+        state["v"] = self.fingerprint
+        self.cache[(entity, key)] = state
+        self.dirty.add((entity, key))
+
 
 def grade_of(score: float, thresholds: Sequence[float]) -> str:
     """A for the top tier down to D: ``thresholds`` are the lower bounds of A, B and C.
@@ -170,6 +178,18 @@ class Scorer:
     max_snapshots: int = 3
     snapshot_spacing_ms: int = 86_400_000  # one snapshot per day of activity: later ones replace the newest
     label_guard_ms: int = 0  # snapshots this close before an outcome are not labelled (CRM clean-up noise)
+    state_ttl_ms: int = 0  # a lead or account idle longer than this (event time) starts afresh; 0 = never
+
+    @classmethod
+    def from_settings(cls, spec: FeatureSpec, settings: Settings) -> Scorer:
+        """The scorer a worker runs with these settings."""
+        return cls(
+            spec,
+            settings.grade_thresholds,
+            settings.snapshots_per_entity,
+            label_guard_ms=int(settings.label_guard_s * 1000),
+            state_ttl_ms=int(settings.state_ttl_days * DAY_MS),
+        )
 
     def process(self, event: Event, states: EntityStates, models: dict[str, Predictor]) -> Output:
         out = Output()
@@ -177,6 +197,8 @@ class Scorer:
         return out
 
     def process_into(self, event: Event, states: EntityStates, models: dict[str, Predictor], out: Output) -> None:
+        if self.state_ttl_ms:
+            self._expire_idle(states, event)
         kind = event.type
         if kind == "outcome":
             self._label_outcome(event, states, out)
@@ -195,6 +217,14 @@ class Scorer:
             self._fold_and_score("lead", event.lead_id, "intent", event, states, models, out)
         if "churn" in spec.models:
             self._fold_and_score("account", event.account_id, "churn", event, states, models, out)
+
+    def _expire_idle(self, states: EntityStates, event: Event) -> None:
+        """State idle longer than the TTL no longer describes the entity: it starts afresh."""
+        for entity, key in (("lead", event.lead_id), ("account", event.account_id)):
+            if key:
+                last = states.get(entity, key)["t"]
+                if last and event.ts_ms - last > self.state_ttl_ms:
+                    states.restart(entity, key)
 
     def _fold_and_score(self, entity: str, key: str, model: str, event: Event, states: EntityStates,
                         models: dict[str, Predictor], out: Output) -> None:  # fmt: skip

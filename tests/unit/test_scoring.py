@@ -133,3 +133,17 @@ def test_a_score_serialises_to_the_topic_contract_directly() -> None:
 
     score = Score("lead:l-1:e-9", "intent", "lead", "l-1", "acme", "e-9", 1_700_000_000_000, 0.731204, "B", 3, False)
     assert orjson.loads(orjson.dumps([score])) == [score.to_json()]
+
+
+def test_state_idle_longer_than_the_ttl_starts_afresh() -> None:
+    scorer = Scorer(SPEC, max_snapshots=5, state_ttl_ms=10 * DAY_MS)
+    states = EntityStates(lambda e, k: None, SPEC.fingerprint)
+    scorer.process(event(1, "meeting", 1), states, {})
+    scorer.process(event(2, "meeting", 5), states, {})  # 4 days idle: kept
+    assert states.get("lead", "lead-1")["s"] != {}
+    kept = [snapshot[-1] for snapshot in states.get("lead", "lead-1")["x"]]
+    scorer.process(event(3, "meeting", 20), states, {})  # 15 days idle: what it knew is gone
+    lead = states.get("lead", "lead-1")
+    assert len(lead["x"]) == 1 and lead["x"][0][-1] == kept[0]  # one meeting counted again, as on day 1
+    assert ("lead", "lead-1") in states.dirty and ("account", "acc-1") in states.dirty
+    assert scorer.process(event(4, "outcome", 21, kind="won"), states, {}).examples  # the fresh snapshot labels
