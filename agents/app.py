@@ -23,7 +23,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT
 
 from dealpulse.agents.metrics import IngestMetrics
-from dealpulse.agents.output import OutputProducer
+from dealpulse.agents.output import Delivered, OutputProducer
 from dealpulse.agents.scoring import HeldStates, ScoringService, make_tables
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
@@ -246,7 +246,7 @@ class IngestService:
             sent: list[asyncio.Future[Any]] = list(self.scoring.publish(scored, output))
             if sent and settings.metrics_enabled:
                 scores_delivered = asyncio.gather(*sent)
-                scores_delivered.add_done_callback(lambda _: self._observe_scored(events))
+                scores_delivered.add_done_callback(lambda done: self._observe_scored(events, done))
                 sent = [scores_delivered]
             deliveries.extend(sent)
         return batch, scored, deliveries
@@ -266,18 +266,24 @@ class IngestService:
         if self.settings.metrics_enabled:
             self._observe([event for _seq, events, _held in group.parts for event in events], group.batch)
 
-    def _observe_scored(self, events: Sequence[EventT]) -> None:
-        """Kafka append of the source message -> its scores delivered to Kafka (a sample keeps it cheap)."""
-        delivered = time.time()
+    def _observe_scored(self, events: Sequence[EventT], done: asyncio.Future[list[Delivered]]) -> None:
+        """Kafka append of the source message -> its scores delivered to Kafka (a sample keeps it cheap).
+
+        Delivered is when the broker's acknowledgement of the batch's last output arrived (the producer's
+        delivery report), not when the event loop got round to noticing it: a subscriber has the scores then.
+        """
+        if done.cancelled() or done.exception() is not None:
+            return  # the group fails on it; nothing was delivered to time
+        delivered = max(where.at for where in done.result())
         for event in events[-16:]:
             self.metrics.kafka_to_score.observe(max(0.0, delivered - event.message.timestamp))
 
-    def _publish_dead_letters(self, batch: Batch, output: OutputProducer) -> list[asyncio.Future[int]]:
+    def _publish_dead_letters(self, batch: Batch, output: OutputProducer) -> list[asyncio.Future[Delivered]]:
         """Original bytes as the value, the reason and source position as headers (Kafka Connect style).
 
         Returns the delivery futures: the batch may be acked only after they resolved.
         """
-        pending: list[asyncio.Future[int]] = []
+        pending: list[asyncio.Future[Delivered]] = []
         if not batch.dlq:
             return pending
         at = {name: i for i, name in enumerate(DLQ_COLUMNS)}

@@ -409,33 +409,43 @@ def histogram_quantile(text: str, name: str, q: float) -> float | None:
 def score_latency_at(
     workdir: Path, messages: list[tuple[str, bytes, int]], events_per_s: float, warmup_s: float = 2.0, **overrides: Any
 ) -> dict[str, Any]:
-    """p50/p99 Kafka append -> scores delivered to Kafka, with events offered at ``events_per_s``.
+    """p50/p99 Kafka append -> scores delivered to Kafka, in steady state, with events offered at ``events_per_s``.
 
-    The worker runs with its default settings (``overrides`` change them); quantiles leave out the first
-    ``warmup_s`` seconds (connections, first fetches, the backlog of the assignment).
+    The worker runs with its default settings (``overrides`` change them). The first ``warmup_s`` seconds of
+    messages are a warm-up: sent at the same pace and all processed before the measurement starts, so the
+    quantiles describe a running worker, not its start (group join, partition loads, snapshot catch-up).
+    Sources send without linger, so a message's timestamp is when it was appended, as the metric says.
     """
     from dealpulse.agents.stack import metrics_text
 
     name = "dealpulse_kafka_to_score_seconds"
+    cut, items = 0, 0
+    while cut < len(messages) // 4 and items < warmup_s * events_per_s:
+        items += messages[cut][2]
+        cut += 1
+    warmup, measured = messages[:cut], messages[cut:]
     with EmbeddedStack(workdir, **overrides) as stack:
         worker = stack.start_worker()
         wait_worker_ready(worker)
-        started = time.monotonic()
+        warmed = sum(message[2] for message in warmup)
         before: list[str] = []
 
-        def after_warmup(_sent: int) -> None:
-            if not before and time.monotonic() - started >= warmup_s:
-                before.append(metrics_text(worker))
+        def warm_then_measure() -> Iterator[tuple[str, bytes, int]]:
+            yield from _paced(warmup, events_per_s)
+            stack.wait_accounted(warmed, 600)  # one producer throughout: a new one would time its own start-up
+            before.append(metrics_text(worker))
+            yield from _paced(measured, events_per_s)
 
-        _, sent = produce(stack.settings, _paced(messages, events_per_s), on_progress=after_warmup)
-        stack.wait_accounted(sent, 600)
-        text = _histogram_delta(before[0] if before else "", metrics_text(worker), name)
+        _, total = produce(stack.settings, warm_then_measure(), linger_ms=0)
+        sent = total - warmed
+        stack.wait_accounted(total, 600)
+        text = _histogram_delta(before[0], metrics_text(worker), name)
     p50 = histogram_quantile(text, name, 0.5)
     p99 = histogram_quantile(text, name, 0.99)
     return {
         "latency_events_per_s_offered": round(events_per_s, 1),
         "latency_events": sent,
-        "latency_warmup_s": warmup_s,
+        "latency_warmup_events": warmed,
         "p50_kafka_to_score_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_kafka_to_score_ms": round(p99 * 1000, 1) if p99 is not None else None,
     }

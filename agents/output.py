@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from dealpulse.pipelines.settings import Settings
+
+
+class Delivered(NamedTuple):
+    """Where a record landed, and when the broker's acknowledgement reached the producer (epoch seconds)."""
+
+    offset: int
+    at: float
 
 
 class OutputProducer:
@@ -35,7 +43,7 @@ class OutputProducer:
                 "message.max.bytes": 2 * 1024 * 1024,
             }
         )
-        self._delivered: list[tuple[asyncio.Future[int], KafkaError | None, int]] = []  # of the current poll
+        self._delivered: list[tuple[asyncio.Future[Delivered], KafkaError | None, Delivered]] = []  # this poll
         self._polling = threading.Lock()  # one poller at a time: callbacks append to the shared list
         self._stop = threading.Event()
         # delivery callbacks are served by poll(): a thread of our own polls, so the event loop never blocks
@@ -50,13 +58,13 @@ class OutputProducer:
         key: bytes | None = None,
         partition: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[int]:
-        """Queue one record; the future resolves to its offset once the broker has it."""
-        future: asyncio.Future[int] = self.loop.create_future()
+    ) -> asyncio.Future[Delivered]:
+        """Queue one record; the future resolves to where and when the broker acknowledged it."""
+        future: asyncio.Future[Delivered] = self.loop.create_future()
         delivered_now = self._delivered
 
         def delivered(error: KafkaError | None, message: Any) -> None:  # in poll(), on whichever thread polls
-            delivered_now.append((future, error, -1 if error else message.offset()))
+            delivered_now.append((future, error, Delivered(-1 if error else message.offset(), time.time())))
 
         extra: dict[str, Any] = {}
         if partition is not None:
@@ -97,11 +105,11 @@ class OutputProducer:
             self.loop.call_soon_threadsafe(_resolve_all, delivered)
 
 
-def _resolve_all(delivered: list[tuple[asyncio.Future[int], KafkaError | None, int]]) -> None:
-    for future, error, offset in delivered:
+def _resolve_all(delivered: list[tuple[asyncio.Future[Delivered], KafkaError | None, Delivered]]) -> None:
+    for future, error, where in delivered:
         if future.done():
             continue
         if error is None:
-            future.set_result(offset)
+            future.set_result(where)
         else:
             future.set_exception(KafkaException(error))

@@ -34,7 +34,7 @@ from faust import streams as faust_streams
 from faust.types import TP, EventT, TableT
 
 from dealpulse.agents.metrics import IngestMetrics
-from dealpulse.agents.output import OutputProducer
+from dealpulse.agents.output import Delivered, OutputProducer
 from dealpulse.models.online import ModelSnapshot, load_snapshot
 from dealpulse.pipelines.features import FeatureSpec, load_features
 from dealpulse.pipelines.ingest import Batch
@@ -141,7 +141,7 @@ class ScoringService:
     follower: SnapshotFollower = field(init=False)
     # (entity, key) -> (batch sequence number, serialised state) of states scored but not yet in the tables
     pending: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)
-    changelog_sent: list[asyncio.Future[int]] = field(default_factory=list)  # deliveries not yet awaited
+    changelog_sent: list[asyncio.Future[Delivered]] = field(default_factory=list)  # deliveries not yet awaited
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -209,7 +209,7 @@ class ScoringService:
                     )
         return per_partition
 
-    def publish(self, per_partition: dict[int, Any], output: OutputProducer) -> list[asyncio.Future[int]]:
+    def publish(self, per_partition: dict[int, Any], output: OutputProducer) -> list[asyncio.Future[Delivered]]:
         """Send scores to their partition (in order per account), examples to the one training partition.
 
         Returns the delivery futures: the batch may be acked only after they all resolved.
@@ -316,7 +316,7 @@ class StateTable(faust.Table):
     event-loop work at every store group — the scoring latency tail. Until then, Faust sends them itself."""
 
     output: OutputProducer | None = None
-    sent: list[asyncio.Future[int]]
+    sent: list[asyncio.Future[Delivered]]
 
     def on_key_set(self, key: Any, value: Any) -> None:
         output = self.output
@@ -333,10 +333,10 @@ class StateTable(faust.Table):
         self._maybe_set_key_ttl(key, partition)
         self._sensor_on_set(self, key, value)
 
-    def _persisted(self, tp: TP, done: asyncio.Future[int]) -> None:
+    def _persisted(self, tp: TP, done: asyncio.Future[Delivered]) -> None:
         # what Faust's own callback does: RocksDB remembers how far its changelog is already applied
         if not done.cancelled() and done.exception() is None:
-            self.data.set_persisted_offset(tp, done.result())
+            self.data.set_persisted_offset(tp, done.result().offset)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -219,6 +219,7 @@ def produce(
     settings: Settings,
     messages: Iterable[tuple[str, bytes, int]],
     on_progress: Callable[[int], None] | None = None,
+    linger_ms: float = 5,
 ) -> tuple[int, int]:
     """Send (key, value, items) messages to the events topic; return (messages, items) delivered.
 
@@ -228,7 +229,7 @@ def produce(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
             "enable.idempotence": True,
-            "linger.ms": 5,
+            "linger.ms": linger_ms,
             "compression.type": "none",
             "message.max.bytes": max(settings.max_message_bytes * 2, 1_000_000),
         }

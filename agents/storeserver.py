@@ -180,6 +180,10 @@ class StoreHTTPServer(ThreadingHTTPServer):
 class StoreRequestHandler(BaseHTTPRequestHandler):
     server: StoreHTTPServer
     protocol_version = "HTTP/1.1"
+    # A reply is written as headers, then body. With Nagle's algorithm the body waits for the client to ACK the
+    # headers, which a client delays by up to 40 ms: every query took 44 ms (measured), and every insert too
+    # (clickhouse-connect asks for the table's columns first).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
