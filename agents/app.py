@@ -311,7 +311,7 @@ class IngestService:
         topic = self.settings.events_topic
         m.messages_consumed.labels(topic).inc(len(events))
         m.events_consumed.labels(topic).inc(len(batch) + batch.replay_skipped)
-        validated = Counter(event.type for event in batch.valid)
+        validated = Counter(row[1] for row in batch.events)  # EVENT_COLUMNS: type, then ts (ms)
         for event_type, count in validated.items():
             m.events_validated.labels(event_type).inc(count)
             m.events_stored.labels(event_type).inc(count)
@@ -324,8 +324,8 @@ class IngestService:
         m.last_stored.set(now)
         for event in events[-16:]:  # a sample keeps the hot path cheap
             m.kafka_to_stored.observe(max(0.0, now - event.message.timestamp))
-        for valid in batch.valid[-64:]:
-            m.event_to_stored.observe(max(0.0, now - valid.ts_ms / 1000))
+        for row in batch.events[-64:]:
+            m.event_to_stored.observe(max(0.0, now - row[2] / 1000))
 
 
 def _fetch_wait_transport(wait_ms: int) -> type[faust_aiokafka.Transport]:

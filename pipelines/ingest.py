@@ -137,11 +137,14 @@ class Batch:
         return len(self.events) + len(self.dlq) + len(self.duplicates)
 
     def extend(self, other: Batch) -> None:
-        """Append another batch's rows (for one store write of several batches)."""
+        """Append another batch's rows (for one store write of several batches).
+
+        Only rows: ``valid`` (the events themselves, already scored) is not kept. Objects that wait for the store
+        outlive young garbage collections, and thousands of them made full collections frequent.
+        """
         self.events.extend(other.events)
         self.dlq.extend(other.dlq)
         self.duplicates.extend(other.duplicates)
-        self.valid.extend(other.valid)
         self.scores.extend(other.scores)
         self.replay_skipped += other.replay_skipped
 
