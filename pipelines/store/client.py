@@ -16,6 +16,8 @@ class Store:
     def __init__(self, client: Client, database: str) -> None:
         self.client = client
         self.database = database
+        # (table, columns) -> ClickHouse types: without them, clickhouse-connect asks the server before every insert
+        self._insert_types: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
     def use_database(self) -> None:
         """Make unqualified table names refer to the dealpulse database (once it exists)."""
@@ -42,7 +44,29 @@ class Store:
         dedup_token: str | None = None,
     ) -> None:
         settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
-        self.client.insert(table, rows, column_names=list(columns), database=self.database, settings=settings)
+        types = self._insert_types.get((table, columns))
+        if types is None:
+            types = self._insert_types[(table, columns)] = self._column_types(table, columns)
+        self.client.insert(
+            table,
+            rows,
+            column_names=list(columns),
+            column_type_names=types,
+            database=self.database,
+            settings=settings,
+        )
+
+    def _column_types(self, table: str, columns: tuple[str, ...]) -> list[str]:
+        known = dict(
+            self.query_rows(
+                "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+                {"db": self.database, "t": table},
+            )
+        )
+        missing = [name for name in columns if name not in known]
+        if missing:
+            raise ValueError(f"{self.database}.{table} has no columns {missing}: run `dealpulse migrate`")
+        return [known[name] for name in columns]
 
     def close(self) -> None:
         self.client.close()
