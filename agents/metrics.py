@@ -107,7 +107,7 @@ class IngestMetrics:
         )
         self.kafka_to_score = Histogram(
             "dealpulse_kafka_to_score_seconds",
-            "Kafka message timestamp to its scores published",
+            "Kafka message timestamp to its scores acknowledged by the broker",
             buckets=SCORE_BUCKETS,
             registry=r,
         )
