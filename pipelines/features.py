@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from importlib import resources
@@ -99,7 +99,9 @@ class FeatureSpec:
         object.__setattr__(self, "_by_entity", {e: tuple(f for f in self.features if f.entity == e) for e in ENTITIES})
         # hot path: each feature with its value before it has seen anything; the prior's non-zero terms
         object.__setattr__(
-            self, "_plan", {e: tuple((f, feature_value(f, None, 0)) for f in self.of(e)) for e in ENTITIES}
+            self,
+            "_plan",
+            {e: tuple((f.key, feature_value(f, None, 0), evaluator(f)) for f in self.of(e)) for e in ENTITIES},
         )
         object.__setattr__(
             self,
@@ -135,9 +137,9 @@ class FeatureSpec:
         now = state["t"]
         values = state["s"]
         vector = []
-        for feature, empty in self._plan[entity]:  # type: ignore[attr-defined]
-            current = values.get(feature.key)
-            vector.append(empty if current is None else feature_value(feature, current, now))
+        for key, empty, value_of in self._plan[entity]:  # type: ignore[attr-defined]
+            current = values.get(key)
+            vector.append(empty if current is None else value_of(current, now))
         return vector
 
     def prior(self, entity: str, vector: Sequence[float]) -> float:
@@ -275,6 +277,30 @@ def _fold(feature: Feature, current: Any, ts_ms: int, props: dict[str, Any], now
     else:
         items.pop(key, None)
     return items
+
+
+def evaluator(feature: Feature) -> Callable[[Any, int], float]:
+    """``feature_value`` for one feature, specialised where it pays: windowed counts and sums (most features,
+    and a vector evaluates every feature of its entity at every score).
+
+    >>> f = Feature("views", "lead", "count", 0, frozenset({"page_view"}), "0", window_ms=3 * DAY_MS)
+    >>> evaluator(f)([[19, 2.0], [20, 1.0]], 20 * DAY_MS) == feature_value(f, [[19, 2.0], [20, 1.0]], 20 * DAY_MS)
+    True
+    """
+    if feature.kind not in ("count", "sum") or not feature.window_ms:
+        return functools.partial(feature_value, feature)
+    bucket_ms, span, cap = feature.bucket_ms, feature.window_ms // feature.bucket_ms, feature.cap
+
+    def windowed_total(current: list[list[float]], now_ms: int) -> float:
+        newest = now_ms // bucket_ms
+        oldest = newest - span
+        value = 0.0
+        for bucket, amount in current:
+            if oldest < bucket <= newest:
+                value += amount
+        return float(value if value < cap else cap)
+
+    return windowed_total
 
 
 def feature_value(feature: Feature, current: Any, now_ms: int) -> float:

@@ -7,7 +7,7 @@ import pytest
 
 from dealpulse.pipelines.config_errors import ConfigError
 from dealpulse.pipelines.contract import ContractRules, Event, validate_event
-from dealpulse.pipelines.features import DAY_MS, FeatureSpec, new_state, update_state
+from dealpulse.pipelines.features import DAY_MS, FeatureSpec, evaluator, feature_value, new_state, update_state
 from dealpulse.pipelines.generator import generate_world
 
 MODELS = "models: {intent: {entity: lead}, churn: {entity: account}}\n"
@@ -130,3 +130,28 @@ def test_shipped_features_keep_a_busy_leads_state_under_one_kilobyte() -> None:
     assert per_lead[busiest] > 100
     assert len(orjson.dumps(states.cache[("lead", busiest)])) <= 1024
     assert sizes[int(len(sizes) * 0.99)] <= 1024, sizes[-5:]
+
+
+def test_specialised_evaluators_agree_with_feature_value_on_the_generators_world() -> None:
+    spec = FeatureSpec.default()
+    rules = ContractRules.default()
+    states: dict[tuple[str, str], dict[str, object]] = {}
+    compared = 0
+    for record in generate_world(5, 3000).records():
+        if record.kind != "valid":
+            continue
+        event = validate_event(orjson.loads(record.value), rules, 2**62)
+        if not isinstance(event, Event):
+            continue
+        for entity, key in (("lead", event.lead_id), ("account", event.account_id)):
+            if not key:
+                continue
+            state = states.setdefault((entity, key), new_state())
+            update_state(spec, entity, state, event.type, event.ts_ms, event.props, event.keywords)
+            for feature in spec.of(entity):
+                current = state["s"].get(feature.key)  # type: ignore[attr-defined]
+                if current is not None:
+                    now = state["t"] + DAY_MS * (compared % 5)  # also later than the newest event
+                    assert evaluator(feature)(current, now) == feature_value(feature, current, now), feature.name
+                    compared += 1
+    assert compared > 1000
