@@ -541,7 +541,11 @@ def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, a
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) -> None:
-    """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run."""
+    """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run.
+
+    Then the Kafka append -> scores acknowledged latency (p50/p99) at half the measured rate, in steady state:
+    2 s of the same traffic warm the worker up and are processed before measuring starts.
+    """
     from dealpulse.agents.bench import bench_score
     from dealpulse.agents.embedded import temporary_workdir
 
