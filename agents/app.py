@@ -80,6 +80,8 @@ class IngestService:
     _open: StoreGroup | None = None  # processed batches gathering for the next store write
     _in_flight: deque[asyncio.Future[None]] = field(default_factory=deque)  # closed groups being stored
     _seq: int = 0  # sequence number of the newest batch
+    # (topic, partition) -> messages processed but not yet stored (open or in-flight groups)
+    _unstored: Counter[tuple[str, int]] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.rules = contract_rules(self.settings)
@@ -118,7 +120,7 @@ class IngestService:
         """
         loop = asyncio.get_running_loop()
         if self.dedup.needs_positions_from(topic, partition, first_offset):
-            await self.drain()  # what this run wrote must be in the store before positions are read back
+            await self._store_partition(topic, partition)  # what this run wrote must be read back
             loaded_from = self.dedup.partitions[(topic, partition)].loaded_from
             _ids, accounted = await loop.run_in_executor(
                 None, load_partition_state, self.store, topic, partition, first_offset, 0.0
@@ -129,7 +131,7 @@ class IngestService:
             return
         if self.dedup.is_loaded(topic, partition):
             return
-        await self.drain()
+        await self._store_partition(topic, partition)  # only after a quick revoke and re-assign
         ids, accounted = await loop.run_in_executor(
             None,
             load_partition_state,
@@ -142,6 +144,13 @@ class IngestService:
         self.dedup.load(topic, partition, ids, accounted, first_offset)
         log.info("partition %s[%d]: %d recent event ids, %d positions already stored from offset %d",
                  topic, partition, len(ids), len(accounted), first_offset)  # fmt: skip
+
+    async def _store_partition(self, topic: str, partition: int) -> None:
+        """Store everything processed so far if some of it came from this partition: its positions are about to
+        be read back from the store. Draining for every partition a worker gains stalled processing at start-up
+        (measured: 100-300 ms per partition, with nothing of that partition in flight)."""
+        if self._unstored[(topic, partition)]:
+            await self.drain()
 
     def forget(self, partitions: Sequence[TP]) -> None:
         for tp in partitions:
@@ -166,6 +175,7 @@ class IngestService:
             group = self._open = StoreGroup(ack)
             asyncio.get_running_loop().call_later(self.settings.store_flush_seconds, self._close_group, group)
         group.add(self._seq, events, batch, held, deliveries)
+        self._unstored.update((event.message.topic, event.message.partition) for event in events)
         if group.items >= self.settings.store_flush_events:
             self._close_group(group)
         while len(self._in_flight) > self.settings.groups_in_flight:
@@ -261,6 +271,7 @@ class IngestService:
             if self.settings.metrics_enabled:
                 self.metrics.states_written.inc(written)
         for _seq, events, _held in group.parts:
+            self._unstored.subtract((event.message.topic, event.message.partition) for event in events)
             for event in events:
                 await group.ack(event)
         if self.settings.metrics_enabled:
