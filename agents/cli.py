@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -89,6 +88,7 @@ def worker() -> None:
     from faust.worker import Worker
 
     from dealpulse.agents.app import create_app
+    from dealpulse.agents.gc_tuning import tune_for_worker as tune_gc_for_worker
     from dealpulse.agents.kafka_admin import ensure_topics
     from dealpulse.agents.metrics import IngestMetrics
     from dealpulse.pipelines.store.client import connect
@@ -113,15 +113,7 @@ def worker() -> None:
     # Faust's spinner sets the root logger to DEBUG (to spin on every record): every debug call on the hot path
     # would then build a log record for nothing (~3 % of a worker's CPU, measured)
     process.spinner = None
-    # Objects alive now (modules, Faust, River) live as long as the process: frozen, full collections skip them
-    # (a full collection took ~100 ms every few seconds without, measured: the scoring latency tail)
-    gc.collect()
-    gc.freeze()
-    # Full collections (~30 ms each here) ran every ~1.3 s: objects waiting for a store write outlive young
-    # collections. Young ones still run as usual; a full one now waits for 1000 of the middle generation's (every
-    # ~15-25 s under load). bench score p99 at half rate: 52-67 ms before, 45-48 ms after (measured, 4 runs).
-    young, middle, _full = gc.get_threshold()
-    gc.set_threshold(young, middle, 1000)
+    tune_gc_for_worker()  # see gc_tuning: rare full collections (they were the scoring latency tail)
     process.execute_from_commandline()
 
 
