@@ -536,7 +536,8 @@ def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) ->
     """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run.
 
     Then the Kafka append -> scores acknowledged latency (p50/p99) at half the measured rate, in steady state:
-    2 s of the same traffic warm the worker up and are processed before measuring starts.
+    20 s of traffic without a pause; what the worker observes before the first 5 s of it are accounted for is
+    warm-up and not counted.
     """
     from dealpulse.agents.bench import bench_score
     from dealpulse.agents.embedded import temporary_workdir
