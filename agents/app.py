@@ -167,7 +167,12 @@ class IngestService:
         closed groups wait; past that, processing waits for the store.
         """
         self._reap()
+        started = time.time()
         batch, scored, deliveries = await self._process(events)
+        if self.settings.metrics_enabled:
+            self.metrics.batch_process.observe(time.time() - started)
+            for event in events[-16:]:  # the messages kafka_to_score samples
+                self.metrics.kafka_to_batch.observe(max(0.0, started - event.message.timestamp))
         self._seq += 1
         held = self.scoring.hold(scored, self._seq) if self.scoring is not None and scored is not None else {}
         group = self._open
@@ -267,8 +272,10 @@ class IngestService:
         await asyncio.gather(*group.deliveries)
         await asyncio.get_running_loop().run_in_executor(None, self.writer.write, group.batch)
         if self.scoring is not None:
+            started = time.perf_counter()
             written = await self.scoring.commit_states(group.parts)
             if self.settings.metrics_enabled:
+                self.metrics.states_commit.observe(time.perf_counter() - started)
                 self.metrics.states_written.inc(written)
         for _seq, events, _held in group.parts:
             self._unstored.subtract((event.message.topic, event.message.partition) for event in events)

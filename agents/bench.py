@@ -433,7 +433,8 @@ def score_latency_at(
     so they describe a running worker, not its start (group join, partition loads, snapshot catch-up). The stream
     does not pause at that point: a pause let the worker go idle, and the first ~250 ms after it (70-100 ms each,
     measured) were then most of the p99. Sources send without linger, so a message's timestamp is when it was
-    appended, as the metric says.
+    appended, as the metric says. The stages say where the time went: Kafka append -> its batch starts processing
+    (fetch, hand-off, queueing behind earlier batches), and the batch's processing; the rest is delivery.
     """
     from dealpulse.agents.stack import metrics_text
 
@@ -459,9 +460,17 @@ def score_latency_at(
         if not before:
             raise TimeoutError(f"the warm-up ({warmed} items) was not accounted for in 600 s")
         stack.wait_accounted(total, 600)
-        text = _histogram_delta(before[0], metrics_text(worker), name)
+        after = metrics_text(worker)
+        text = _histogram_delta(before[0], after, name)
     p50 = histogram_quantile(text, name, 0.5)
     p99 = histogram_quantile(text, name, 0.99)
+    stages = {}  # where the latency went: waiting for processing, and processing (per batch)
+    for stage, metric in (("kafka_to_batch", "dealpulse_kafka_to_batch_seconds"),
+                          ("batch_process", "dealpulse_batch_process_seconds")):  # fmt: skip
+        stage_text = _histogram_delta(before[0], after, metric)
+        for q in (0.5, 0.99):
+            value = histogram_quantile(stage_text, metric, q)
+            stages[f"p{round(q * 100)}_{stage}_ms"] = round(value * 1000, 1) if value is not None else None
     return {
         "latency_events_per_s_offered": round(events_per_s, 1),
         "latency_events": total - warmed,
@@ -469,6 +478,7 @@ def score_latency_at(
         "latency_samples": int(_histogram_count(text, name)),
         "p50_kafka_to_score_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_kafka_to_score_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        **stages,
     }
 
 

@@ -111,6 +111,26 @@ class IngestMetrics:
             buckets=SCORE_BUCKETS,
             registry=r,
         )
+        # where kafka_to_score goes, stage by stage (the same sampled messages): waiting to be processed, then
+        # processing (its batch's), then the rest is the scores' trip to the broker and back
+        self.kafka_to_batch = Histogram(
+            "dealpulse_kafka_to_batch_seconds",
+            "Kafka message timestamp to the start of processing its batch (fetch, hand-off and queueing)",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.batch_process = Histogram(
+            "dealpulse_batch_process_seconds",
+            "validating, deduplicating, scoring and publishing one batch (the event loop is busy meanwhile)",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.states_commit = Histogram(
+            "dealpulse_states_commit_seconds",
+            "writing a stored group's entity states to the tables until their changelog records are in Kafka",
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
         self.model_version = Gauge(
             "dealpulse_model_snapshot_version", "version of the snapshot this worker scores with", ["model"],
             registry=r,

@@ -92,6 +92,11 @@ def test_prometheus_scrapes_a_worker(
         scores = value(port, "sum(dealpulse_scores_total)")
         assert scores > 0 and value(port, 'sum(dealpulse_store_insert_rows_total{table="scores"})') == scores
         assert value(port, "histogram_quantile(0.99, sum by (le) (dealpulse_kafka_to_stored_seconds_bucket))") > 0
+        # the scoring latency and its stages: a message waits for its batch, which starts before its scores leave
+        assert value(port, "sum(dealpulse_batch_process_seconds_count)") > 0
+        assert value(port, "sum(dealpulse_states_commit_seconds_count)") > 0
+        mean = "sum(dealpulse_{0}_seconds_sum) / sum(dealpulse_{0}_seconds_count)"
+        assert 0 < value(port, mean.format("kafka_to_batch")) < value(port, mean.format("kafka_to_score"))
         assert value(port, "sum(dealpulse_consumer_lag_messages)") >= 0
         assert value(port, "process_resident_memory_bytes") > 0
         # the series move: more events, higher counters
