@@ -22,6 +22,7 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT
 
+from dealpulse.agents.gc_tuning import collections_deferred
 from dealpulse.agents.metrics import IngestMetrics
 from dealpulse.agents.output import Delivered, OutputProducer
 from dealpulse.agents.scoring import HeldStates, ScoringService, make_tables
@@ -168,13 +169,16 @@ class IngestService:
         """
         self._reap()
         started = time.time()
-        batch, scored, deliveries = await self._process(events)
+        with collections_deferred():  # what the batch makes and drops is freed before a collection traverses it
+            batch, scored, deliveries = await self._process(events)
+            self._seq += 1
+            held = self.scoring.hold(scored, self._seq) if self.scoring is not None and scored is not None else {}
+            del scored
+            batch.valid.clear()  # scored: only the rows go on to the store
         if self.settings.metrics_enabled:
             self.metrics.batch_process.observe(time.time() - started)
             for event in events[-16:]:  # the messages kafka_to_score samples
                 self.metrics.kafka_to_batch.observe(max(0.0, started - event.message.timestamp))
-        self._seq += 1
-        held = self.scoring.hold(scored, self._seq) if self.scoring is not None and scored is not None else {}
         group = self._open
         if group is None:
             group = self._open = StoreGroup(ack)

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from dealpulse.agents.gc_tuning import worker_gc
+from dealpulse.agents.gc_tuning import collections_deferred, worker_gc
 from dealpulse.agents.stack import EmbeddedStack, WorkerProcess, produce, wait_worker_ready, worker_metric
 from dealpulse.pipelines.generator import generate_world, pack_messages
 from dealpulse.pipelines.settings import Settings
@@ -388,12 +388,14 @@ def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[f
         started = time.perf_counter()
         events = 0
         for offset, (_key, value, _items) in enumerate(messages):
-            batch = Batch()
-            process_message(value, SourceRef("bench", 0, offset), rules, dedup, batch, now_ms)
-            out = Output()
-            for event in batch.valid:
-                scorer.process_into(event, states, {}, out)
-            events += len(batch)
+            with collections_deferred():  # as the worker defers them per batch
+                batch = Batch()
+                process_message(value, SourceRef("bench", 0, offset), rules, dedup, batch, now_ms)
+                out = Output()
+                for event in batch.valid:
+                    scorer.process_into(event, states, {}, out)
+                events += len(batch)
+                del batch, out
         elapsed = time.perf_counter() - started
     return events / elapsed, events
 

@@ -26,6 +26,29 @@ def tune_for_worker() -> None:
 
 
 @contextmanager
+def collections_deferred() -> Iterator[None]:
+    """No garbage collection inside the block; the first allocation after it collects as usual.
+
+    A batch makes many objects that live for the batch only (decoded states, scores, feature snapshots). Collected
+    every 700 allocations, each of them was traversed once or twice before the batch freed it; deferred, reference
+    counting frees them first and the collection sees only what outlives the batch.
+
+    >>> with collections_deferred():
+    ...     gc.isenabled()
+    False
+    >>> gc.isenabled()
+    True
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextmanager
 def worker_gc() -> Iterator[None]:
     """Run a block under the worker's settings, then put the previous ones back.
 
