@@ -72,6 +72,19 @@ class Store:
         self.client.close()
 
 
+def preload_insert_path() -> None:
+    """Import now what clickhouse-connect would import at the first insert.
+
+    Its first insert checks whether the rows are a pandas DataFrame, and so imports pandas when it is installed
+    (river depends on it): ~0.3 s of imports holding the GIL, measured in a worker's first store write, where it
+    slows the event loop. Long-running services call this at start-up.
+    """
+    from clickhouse_connect.driver import options
+
+    getattr(options, "pd", None)  # resolved once: the module, or None when pandas is absent
+    getattr(options, "np", None)
+
+
 def connect(settings: Settings, *, user: str | None = None, password: str | None = None) -> Store:
     """Connect with the settings' credentials (or the ones given)."""
     client = clickhouse_connect.get_client(
