@@ -512,14 +512,13 @@ BENCH_EVENTS_HELP = "events to generate; short runs end their measuring window i
 
 
 def _warn_if_not_steady(result: dict[str, Any]) -> None:
-    from dealpulse.agents.bench import STEADY_STATE_MAX_UNSTORED_SHARE, steady_state_events
-    from dealpulse.pipelines.settings import Settings
+    from dealpulse.agents.bench import STEADY_STATE_MAX_UNSTORED_SHARE
 
     if not result.get("steady_state", True):
-        needed = steady_state_events(result["events_per_s"], Settings())
+        needed = int(result["events"] * result["unstored_share"] / STEADY_STATE_MAX_UNSTORED_SHARE) + 1
         click.echo(
             f"warning: up to {result['unstored_share']:.0%} of this run was processed but not yet stored (more than"
-            f" {STEADY_STATE_MAX_UNSTORED_SHARE:.0%}): events_per_s includes the final store drain and reads high;"
+            f" {STEADY_STATE_MAX_UNSTORED_SHARE:.0%}): its events/s include the final store drain and read high;"
             f" use --events {needed:,} or more",
             err=True,
         )
@@ -608,7 +607,8 @@ def bench_alerts_cmd(n_events: int, seed: int, as_json: bool, live: bool, batch_
 
 
 @bench.command("scale")
-@click.option("--events", "n_events", type=click.IntRange(1), default=300_000, show_default=True)
+@click.option("--events", "n_events", type=click.IntRange(1), default=1_000_000, show_default=True,
+              help=BENCH_EVENTS_HELP)  # fmt: skip
 @click.option("--seed", type=int, default=11, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
 @click.option("--partitions", type=click.IntRange(2), default=4, show_default=True)
@@ -624,6 +624,7 @@ def bench_scale_cmd(n_events: int, seed: int, batch_size: int, partitions: int, 
     with temporary_workdir() as wd:
         result = bench_scale(wd, n_events, seed, batch_size, partitions, rebalance_events, rebalance_rate,
                              on_step=lambda text: click.echo(f"… {text}", err=True))  # fmt: skip
+    _warn_if_not_steady(result)
     if as_json:
         click.echo(orjson.dumps(result).decode())
     else:
