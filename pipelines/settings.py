@@ -146,4 +146,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".dealpulse/worker"), description="Faust data directory")
     metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics port; 0 picks a free one")
     metrics_enabled: bool = Field(True, description="false skips per-batch metric updates (for benchmarks)")
+    gil_switch_interval_ms: float = Field(
+        5.0, gt=0, description="how long the worker's event loop keeps the GIL before a waiting thread gets it"
+    )
     log_level: str = "warn"
