@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +27,7 @@ from dealpulse.agents.gc_tuning import collections_deferred
 from dealpulse.agents.metrics import IngestMetrics
 from dealpulse.agents.output import Delivered, OutputProducer
 from dealpulse.agents.scoring import HeldStates, ScoringService, make_tables
+from dealpulse.agents.switching import SwitchIntervalPolicy, consumer_lag
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, Batch, DedupState, SourceRef, process_message
 from dealpulse.pipelines.keywords import KeywordTagger
@@ -415,12 +417,32 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
         partitions=settings.topic_partitions,
     )
 
+    switching = SwitchIntervalPolicy(
+        settings.gil_switch_interval_ms / 1000, settings.gil_switch_interval_backlog_ms / 1000, settings.backlog_after_s
+    )
+    next_offsets: dict[TP, int] = {}  # events-topic partition -> next offset to process (for the consumer lag)
+
     @app.agent(events_topic, name="ingest")
     async def ingest(stream: Any) -> None:
         service.start_output()
+        adaptive = switching.backlog_s != switching.live_s
+        interval = switching.live_s
         # noack_take leaves acking to us: a batch is acked once the store accepted it (see IngestService.handle)
         async for events in stream.noack_take(settings.batch_max_messages, within=settings.batch_max_seconds):
+            started = time.perf_counter()
             await service.handle(events, stream.ack)
+            if adaptive:
+                took = time.perf_counter() - started
+                if interval == switching.backlog_s:
+                    metrics.behind_seconds.inc(took)
+                next_offsets.update((event.message.tp, event.message.offset + 1) for event in events)
+                lag = consumer_lag(app.consumer.highwater, next_offsets.items())
+                chosen = switching.after_batch(len(events), took, lag)
+                if chosen != interval:
+                    interval = chosen
+                    sys.setswitchinterval(interval)
+                    metrics.switch_interval.set(interval)
+                    log.debug("GIL switch interval %.0f ms (%d messages behind)", interval * 1000, lag)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -429,6 +451,8 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
         if not await service.wait_idle(settings.kafka_session_timeout_s / 2):
             log.warning("a batch was still in flight when partitions were revoked; the next owner may redo it")
         service.forget(list(args[0]))  # args[0]: the revoked partitions
+        for tp in args[0]:
+            next_offsets.pop(tp, None)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -115,9 +115,9 @@ def worker() -> None:
     # would then build a log record for nothing (~3 % of a worker's CPU, measured)
     process.spinner = None
     tune_gc_for_worker()  # see gc_tuning: rare full collections (they were the scoring latency tail)
-    # Python's 5 ms by default. Longer lets the event loop score longer before the Kafka, store and delivery
-    # threads take the GIL: 50 ms read +8-9 % events/s, but p99 at half that rate 70-74 ms against 40 (README).
+    # the live interval; the ingest agent lengthens it while the worker is behind (see agents/switching.py)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    metrics.switch_interval.set(settings.gil_switch_interval_ms / 1000)
     process.execute_from_commandline()
 
 

@@ -88,6 +88,17 @@ class IngestMetrics:
         self.consumer_lag = Gauge(
             "dealpulse_consumer_lag_messages", "messages behind the log end", ["topic", "partition"], registry=r
         )
+        self.switch_interval = Gauge(
+            "dealpulse_gil_switch_interval_seconds",
+            "the event loop's GIL switch interval: longer while the worker is behind (throughput first)",
+            registry=r,
+        )
+        self.behind_seconds = Counter(
+            "dealpulse_behind_seconds_total",
+            "time spent processing batches while behind (the messages waiting would take longer than "
+            "DEALPULSE_BACKLOG_AFTER_S)",
+            registry=r,
+        )
         self.assigned_partitions = Gauge(
             "dealpulse_assigned_partitions", "events-topic partitions this worker owns (0 until it joined)", registry=r
         )

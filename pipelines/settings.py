@@ -149,4 +149,13 @@ class Settings(BaseSettings):
     gil_switch_interval_ms: float = Field(
         5.0, gt=0, description="how long the worker's event loop keeps the GIL before a waiting thread gets it"
     )
+    gil_switch_interval_backlog_ms: float = Field(
+        50.0,
+        gt=0,
+        description="the same while the worker is behind (see backlog_after_s): longer stretches, more events/s; "
+        "equal to gil_switch_interval_ms keeps one interval",
+    )
+    backlog_after_s: float = Field(
+        0.5, gt=0, description="behind = the messages waiting in Kafka would take the worker longer than this"
+    )
     log_level: str = "warn"

@@ -150,3 +150,23 @@ def test_a_worker_joining_and_one_leaving_mid_stream_loses_and_doubles_nothing(
     assert accounting(store) == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
     assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids), len(valid_ids))]
     assert store.query_rows("SELECT count(), uniqExact(dlq_id) FROM dlq") == [(malformed, malformed)]
+
+
+def test_a_worker_behind_favours_throughput_until_it_caught_up(
+    settings: Settings, store: Store, start_worker: StartWorker
+) -> None:
+    from dealpulse.agents.stack import metrics_text
+
+    def sample(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    # a backlog before the worker starts: any lag counts as behind with so small a threshold
+    behind = settings.model_copy(update={"backlog_after_s": 0.001, "gil_switch_interval_backlog_ms": 20.0})
+    _, sent = produce(behind, pack_messages(generate_world(21, 6000).records(), 50))
+    worker = start_worker(behind)
+    wait_accounted(store, sent)
+    _, live = produce(behind, pack_messages(generate_world(22, 100).records(), 50))  # nothing waits behind it
+    wait_accounted(store, sent + live)
+    text = metrics_text(worker)
+    assert sample(text, "dealpulse_behind_seconds_total") > 0  # some batches ran with the long interval
+    assert sample(text, "dealpulse_gil_switch_interval_seconds") == behind.gil_switch_interval_ms / 1000  # caught up
