@@ -508,8 +508,10 @@ def score_latency_at(
         for q in (0.5, 0.99):
             value = histogram_quantile(stage_text, metric, q)
             stages[f"p{round(q * 100)}_{stage}_ms"] = round(value * 1000, 1) if value is not None else None
+    behind = "dealpulse_behind_seconds_total"  # > 0: part of the window ran with the backlog switch interval
     return {
         "latency_events_per_s_offered": round(events_per_s, 1),
+        "latency_behind_s": round(_sample(after, behind) - _sample(before[0], behind), 3),
         "latency_events": total - warmed,
         "latency_warmup_events": warmed,
         "latency_samples": int(_histogram_count(text, name)),
