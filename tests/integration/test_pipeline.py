@@ -108,11 +108,8 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     """Kill -9 the worker while it writes; a new worker must finish with every valid event exactly once."""
     n_events = 40_000
     _, valid_ids, malformed, duplicates = expected_outcome(seed=33, n_events=n_events)
-    # small batches: many store writes and commits, so the kill lands between them
-    # Scoring off here: with Faust tables on the embedded broker, a worker restarted after kill -9 can stall in
-    # table recovery (changelog fetches return nothing) - a known bug, see README "Known limits". This test
-    # guards the ingest path's exactly-once accounting, which holds with scoring off.
-    crashy = settings.model_copy(update={"batch_max_messages": 10, "batch_max_seconds": 0.2, "scoring_enabled": False})
+    # small batches: many store writes and commits, so the kill lands between them; scoring on (tables, changelogs)
+    crashy = settings.model_copy(update={"batch_max_messages": 10, "batch_max_seconds": 0.2})
     victim = start_worker(crashy)
     _, sent = produce(settings, pack_messages(generate_world(33, n_events).records(), 20))
     deadline = time.monotonic() + 120
@@ -139,12 +136,9 @@ def test_a_worker_joining_and_one_leaving_mid_stream_loses_and_doubles_nothing(
     n_events = 90_000
     _, valid_ids, malformed, duplicates = expected_outcome(seed=44, n_events=n_events)
     messages = list(pack_messages(generate_world(44, n_events).records(), 50))
-    # scoring off: with tables, the new owner can stall after table recovery on the embedded broker (known bug,
-    # README); re-processing of stored items on a rebalance with scoring on is fixed (exact in the runs that finish)
-    ingest_only = settings.model_copy(update={"scoring_enabled": False})
-    result = rebalance_scenario(
-        ingest_only, store, lambda: start_worker(ingest_only, wait=False), messages, events_per_s=2_500
-    )
+    # with scoring (tables): records fetched before the seek to the committed offset used to arrive after it, and
+    # Faust dropped the messages in between as a gap (lost in 2-3 of 6 runs; see agents.app._consumer_transport)
+    result = rebalance_scenario(settings, store, lambda: start_worker(settings, wait=False), messages, 2_500)
     assert result["stream_flowing_at_leave"], "the leave must happen while events still arrive"
     time.sleep(1.5)  # anything written twice would show up now
     assert accounting(store) == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
