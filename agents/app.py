@@ -352,6 +352,16 @@ class IngestService:
             m.event_to_stored.observe(max(0.0, now - row[2] / 1000))
 
 
+def held_back(expected: int | None, offset: int, held_before: int | None) -> bool:
+    """Whether a record must not be handed on yet: it lies past the offset Faust expects next (Faust would take the
+    offsets in between for a gap), unless the same record was held back before (then the gap is real).
+
+    >>> held_back(10, 11, None), held_back(10, 15, None), held_back(10, 15, 15), held_back(None, 15, None)
+    (False, True, False, False)
+    """
+    return expected is not None and expected > 0 and offset - expected > 1 and held_before != offset
+
+
 def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka.Transport]:
     """Faust's aiokafka transport with two changes.
 
@@ -376,7 +386,7 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
     class GaplessConsumer(faust_aiokafka.Consumer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._refetched_at: dict[TP, int] = {}  # partition -> the newest record not handed on
+            self._held_back: dict[TP, int] = {}  # partition -> the newest record not handed on
             self._sought_to: dict[TP, int] = {}  # partition -> where it was last sought back to
 
         def _new_consumer_thread(self) -> ConsumerThread:
@@ -386,9 +396,9 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             async for tp, message in super().getmany(timeout):
                 expected = self._read_offset[tp]  # Faust's last read offset, or where it last sought to
                 offset = message.offset
-                stale = tp.topic == gapless_topic and expected and offset - expected > 1
-                if expected and stale and self._refetched_at.get(tp) != offset:  # twice: a real gap, let it pass
-                    self._refetched_at[tp] = offset
+                if tp.topic == gapless_topic and held_back(expected, offset, self._held_back.get(tp)):
+                    assert expected is not None
+                    self._held_back[tp] = offset
                     if self._sought_to.get(tp) != expected:  # once per position: the rest of that fetch follows
                         self._sought_to[tp] = expected
                         log.warning("%s: record at offset %d arrived while offset %d was next; reading again from "
