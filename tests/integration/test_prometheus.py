@@ -98,6 +98,8 @@ def test_prometheus_scrapes_a_worker(
         mean = "sum(dealpulse_{0}_seconds_sum) / sum(dealpulse_{0}_seconds_count)"
         assert 0 < value(port, mean.format("kafka_to_batch")) < value(port, mean.format("kafka_to_score"))
         assert value(port, "sum(dealpulse_consumer_lag_messages)") >= 0
+        lag_topics = {r["metric"]["topic"] for r in query(port, "dealpulse_consumer_lag_messages")}  # type: ignore[index]
+        assert lag_topics <= {settings.events_topic}  # not the changelogs, which this worker writes, never reads
         assert value(port, "process_resident_memory_bytes") > 0
         # the series move: more events, higher counters
         produce(settings, pack_messages(generate_world(9, 500).records(), 50))
