@@ -189,8 +189,12 @@ class IngestService:
         self._unstored.update((event.message.topic, event.message.partition) for event in events)
         if group.items >= self.settings.store_flush_events:
             self._close_group(group)
-        while len(self._in_flight) > self.settings.groups_in_flight:
-            await self._in_flight.popleft()  # back-pressure; raises if that group failed
+        if len(self._in_flight) > self.settings.groups_in_flight:
+            waiting_since = time.monotonic()
+            while len(self._in_flight) > self.settings.groups_in_flight:
+                await self._in_flight.popleft()  # back-pressure; raises if that group failed
+            if self.settings.metrics_enabled:
+                self.metrics.store_waited.inc(time.monotonic() - waiting_since)
         self._reap()
 
     def _close_group(self, group: StoreGroup) -> None:

@@ -66,6 +66,12 @@ class IngestMetrics:
         self.insert_retries = Counter(
             "dealpulse_store_insert_retries_total", "store inserts retried after a failure", ["table"], registry=r
         )
+        self.store_waited = Counter(
+            "dealpulse_store_wait_seconds_total",
+            "time processing stood still because DEALPULSE_GROUPS_IN_FLIGHT store groups were still being written: "
+            "the store is what limits throughput",
+            registry=r,
+        )
         self.store_backoff = Gauge(
             "dealpulse_store_backing_off", "1 while the sink waits for a failing store", registry=r
         )
