@@ -379,6 +379,12 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
       offset is not handed on; the partition is sought back to the offset Faust expects and read again from there.
       Offsets that are really missing (a transactional producer's control records) come back the same after that
       seek and pass.
+    - Nothing of ``gapless_topic`` is handed on between an assignment and Faust's seek to the committed offsets
+      that follows it. aiokafka starts fetching a newly assigned partition at once, and during table recovery
+      Faust resumes the flow before its seek. Records handed on then moved Faust's read offset ahead; some of
+      them were dropped when Faust suspended the flow again, and after the seek Faust took their second
+      delivery for old news and dropped it too (measured: 3 of 7 join-and-leave runs lost 0.4-12 % of their
+      events, with no warning). Not handing them on is safe: the seek reads them again.
     """
 
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -392,12 +398,30 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             super().__init__(*args, **kwargs)
             self._held_back: dict[TP, int] = {}  # partition -> the newest record not handed on
             self._sought_to: dict[TP, int] = {}  # partition -> where it was last sought back to
+            self._seek_done: set[TP] = set()  # sought to the committed offset by Faust since the assignment
 
         def _new_consumer_thread(self) -> ConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+        async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+            self._seek_done.clear()  # eager rebalancing: every partition is revoked, then assigned afresh
+            await super().on_partitions_revoked(revoked)
+
+        async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+            # positions from an earlier assignment say nothing about this one
+            self._held_back.clear()
+            self._sought_to.clear()
+            self._seek_done.clear()
+            await super().on_partitions_assigned(assigned, generation_id)
+
+        async def perform_seek(self) -> None:
+            await super().perform_seek()  # every assigned partition, to its committed offset
+            self._seek_done = set(self.assignment())
+
         async def getmany(self, timeout: float) -> Any:
             async for tp, message in super().getmany(timeout):
+                if tp.topic == gapless_topic and tp not in self._seek_done:
+                    continue  # read again after the seek (see above)
                 expected = self._read_offset[tp]  # Faust's last read offset, or where it last sought to
                 offset = message.offset
                 if tp.topic == gapless_topic and held_back(expected, offset, self._held_back.get(tp)):

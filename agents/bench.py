@@ -219,7 +219,9 @@ def rebalance_scenario(
             if failures:
                 raise failures[0]
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
+                sent, accounted = sent_so_far[0], (samples[-1][2] if samples else 0)
+                raise TimeoutError(f"timed out waiting for {what}: {accounted} of {total} events accounted for, "
+                                   f"{sent} sent")  # fmt: skip
             time.sleep(0.05)
         return time.monotonic()
 
