@@ -258,7 +258,9 @@ class IngestService:
                 settings.max_message_bytes,
                 settings.max_events_per_message,
             )
-            self.dedup.processed(message.topic, message.partition, message.offset)
+            skipped = self.dedup.processed(message.topic, message.partition, message.offset)
+            if skipped:
+                self._on_offsets_skipped(message.topic, message.partition, message.offset, skipped)
             if len(batch.valid) > first:
                 spans.append((message.partition, first, len(batch.valid)))
         output = self.output
@@ -275,6 +277,12 @@ class IngestService:
                 sent = [scores_delivered]
             deliveries.extend(sent)
         return batch, scored, deliveries
+
+    def _on_offsets_skipped(self, topic: str, partition: int, offset: int, skipped: int) -> None:
+        # always counted: this is the one sign of messages lost between the broker and this worker
+        self.metrics.offsets_skipped.labels(topic, str(partition)).inc(skipped)
+        log.error("%s[%d]: offsets %d-%d never reached this worker (next after %d was %d); they are not stored",
+                  topic, partition, offset - skipped, offset - 1, offset - skipped - 1, offset)  # fmt: skip
 
     async def _complete(self, previous: asyncio.Future[None] | None, group: StoreGroup) -> None:
         if previous is not None:
@@ -532,6 +540,8 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
         service.forget(list(args[0]))  # reload from the store at the first message of each assigned partition
         owned = [tp for tp in app.consumer.assignment() if tp.topic == settings.events_topic]
         metrics.assigned_partitions.set(len(owned))
+        for tp in owned:  # exported at 0 from the start: a dashboard shows "none skipped", not "no data"
+            metrics.offsets_skipped.labels(tp.topic, str(tp.partition))
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

@@ -47,6 +47,13 @@ class IngestMetrics:
             "messages delivered twice within one batch (the consumer moved back); processed once",
             registry=r,
         )
+        self.offsets_skipped = Counter(
+            "dealpulse_source_offsets_skipped_total",
+            "offsets of the events topic that never reached this worker between two it processed: messages lost on "
+            "the way (a transactional producer's commit markers count here too)",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.replay_skipped = Counter(
             "dealpulse_replay_skipped_total", "items skipped after a restart because the store had them", registry=r
         )

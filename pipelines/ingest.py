@@ -102,10 +102,23 @@ class DedupState:
             return False
         return offset < state.loaded_from or state.covered_until <= offset < state.next_offset
 
-    def processed(self, topic: str, partition: int, offset: int) -> None:
+    def processed(self, topic: str, partition: int, offset: int) -> int:
+        """Note a message as processed; returns how many offsets before it were skipped since the previous one.
+
+        Our producers are not transactional, so every offset of the events topic is a message: a skip means
+        messages never reached this worker (with a transactional producer, each commit marker skips one).
+
+        >>> state = DedupState()
+        >>> state.load("events", 0, [], set(), from_offset=10)
+        >>> [state.processed("events", 0, offset) for offset in (10, 11, 11, 15, 12)]
+        [0, 0, 0, 3, 0]
+        """
         state = self.partitions.get((topic, partition))
-        if state is not None and offset >= state.next_offset:
-            state.next_offset = offset + 1
+        if state is None or offset < state.next_offset:
+            return 0
+        skipped = offset - state.next_offset if state.next_offset >= 0 else 0
+        state.next_offset = offset + 1
+        return skipped
 
     def add_positions(self, topic: str, partition: int, accounted: set[tuple[int, int]], from_offset: int) -> None:
         """Merge positions stored from ``from_offset`` on (loaded after the consumer moved back to it)."""

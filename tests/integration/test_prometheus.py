@@ -96,6 +96,9 @@ def test_prometheus_scrapes_a_worker(
         assert value(port, "sum(dealpulse_batch_process_seconds_count)") > 0
         assert value(port, "sum(dealpulse_states_commit_seconds_count)") > 0
         assert value(port, "sum(dealpulse_store_wait_seconds_total)") >= 0  # exported; at this rate rarely > 0
+        skipped = query(port, "dealpulse_source_offsets_skipped_total")
+        assert {r["metric"]["partition"] for r in skipped} == {str(p) for p in range(settings.topic_partitions)}  # type: ignore[index]
+        assert value(port, "sum(dealpulse_source_offsets_skipped_total)") == 0  # every message reached the worker
         mean = "sum(dealpulse_{0}_seconds_sum) / sum(dealpulse_{0}_seconds_count)"
         assert 0 < value(port, mean.format("kafka_to_batch")) < value(port, mean.format("kafka_to_score"))
         assert value(port, "sum(dealpulse_consumer_lag_messages)") >= 0

@@ -94,3 +94,16 @@ def test_a_consumer_moved_back_over_stored_positions_replays_instead_of_counting
     assert not state.needs_positions_from("t", 0, 3)  # covered now: no reload per message
     again = run(messages, state)
     assert again.events == [] and again.duplicates == [] and again.replay_skipped == 6
+
+
+def test_offsets_that_never_arrived_are_counted_but_a_consumer_moved_back_is_not() -> None:
+    """The worker's last check that every message reached it: a jump past the next offset is counted."""
+    state = DedupState()
+    state.load("t", 0, [], set(), from_offset=100)
+    assert state.processed("t", 0, 100) == 0  # the first after loading: nothing to compare with
+    assert [state.processed("t", 0, offset) for offset in (101, 102, 110)] == [0, 0, 7]
+    assert [state.processed("t", 0, offset) for offset in (103, 104, 111)] == [0, 0, 0]  # moved back, read again
+    assert state.processed("t", 1, 5) == 0  # a partition not loaded is not tracked
+    state.forget("t", 0)
+    state.load("t", 0, [], set(), from_offset=500)  # reassigned: starts from the committed offset afresh
+    assert state.processed("t", 0, 500) == 0
