@@ -6,6 +6,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,10 @@ def bench_ingest(
         sent_messages, sent = produce(settings, messages)
         raw_rate, raw_items = raw_consume_rate(settings, sent_messages)
         worker_started = time.monotonic()
-        stack.start_worker(metrics_enabled=metrics)
-        samples = accounting_samples(stack, sent, timeout)
+        worker = stack.start_worker(metrics_enabled=metrics)
+        # the share of the window the worker's processing stood still waiting for the store (metrics on only)
+        store_wait = WindowProbe(lambda: worker_metric(worker, "dealpulse_store_wait_seconds_total"))
+        samples = accounting_samples(stack, sent, timeout, store_wait if metrics else None)
         rate, elapsed = steady_rate(samples, sent)
         counts = stack.accounting()
         share = unstored_share(rate, settings, sent)
@@ -82,6 +85,7 @@ def bench_ingest(
         "raw_items_checked": raw_items,
         "unstored_share": share,
         "steady_state": share <= STEADY_STATE_MAX_UNSTORED_SHARE,
+        "store_wait_share": store_wait.share() if metrics else None,
     }
 
 
@@ -117,8 +121,41 @@ def unstored_share(events_per_s: float, settings: Settings, events: int) -> floa
 ACCOUNTING_POLL_S = 0.2
 
 
-def accounting_samples(stack: EmbeddedStack, sent: int, timeout: float) -> list[tuple[float, int]]:
-    """(monotonic time, items accounted for) at every change, until all ``sent`` items are accounted for."""
+@dataclass
+class WindowProbe:
+    """Reads a counter of seconds (e.g. a worker's ``dealpulse_store_wait_seconds_total``) where the measuring
+    window starts and ends, and gives the share of the window it grew by.
+
+    >>> waited = iter([2.0, 5.0])
+    >>> probe = WindowProbe(lambda: next(waited))
+    >>> for now, total in [(0.0, 10), (1.0, 30), (4.0, 50), (11.0, 85)]:
+    ...     probe.offer(now, total, sent=100)
+    >>> probe.share()
+    0.3
+    """
+
+    read: Callable[[], float | None]
+    at: tuple[float, float] = (0.2, 0.8)  # the fractions of the run steady_rate measures between
+    readings: dict[float, tuple[float, float | None]] = field(default_factory=dict)
+
+    def offer(self, now: float, total: int, sent: int) -> None:
+        for fraction in self.at:
+            if fraction not in self.readings and total >= fraction * sent:
+                self.readings[fraction] = (now, self.read())
+
+    def share(self) -> float | None:
+        """None if a reading is missing (the counter is not exported, or the run ended first)."""
+        (start, first), (end, last) = (self.readings.get(f, (0.0, None)) for f in self.at)
+        if first is None or last is None or end <= start:
+            return None
+        return round((last - first) / (end - start), 3)
+
+
+def accounting_samples(
+    stack: EmbeddedStack, sent: int, timeout: float, probe: WindowProbe | None = None
+) -> list[tuple[float, int]]:
+    """(monotonic time, items accounted for) at every change, until all ``sent`` items are accounted for; each
+    change is offered to ``probe``."""
     samples: list[tuple[float, int]] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -126,6 +163,8 @@ def accounting_samples(stack: EmbeddedStack, sent: int, timeout: float) -> list[
         now = time.monotonic()
         if total and (not samples or samples[-1][1] != total):
             samples.append((now, total))
+            if probe is not None:
+                probe.offer(now, total, sent)
         if total >= sent:
             return samples
         if now > deadline:
@@ -564,6 +603,17 @@ def spread_sample(messages: list[tuple[str, bytes, int]], events: int) -> list[t
     return picked
 
 
+class TooShortToMeasure(Exception):
+    """The store accounted for the whole measuring window (20-80 % of the run) in one write: there is no rate."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.result = result
+        super().__init__(
+            f"{result['events']:,} events are too few to measure a rate: the store accounted for the middle 60 % of "
+            "the run in one write"
+        )
+
+
 def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dict[str, Any]:
     """The full path (ingest + state + both models + store) on one worker, the framework-free limit, and the
     p99 latency at half of the measured rate."""
@@ -574,6 +624,8 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
         (workdir / part).mkdir(parents=True, exist_ok=True)
     full = bench_ingest(workdir / "throughput", n_events, seed, batch_size, metrics=True)
     rate = full["events_per_s"]
+    if not math.isfinite(rate):  # the latency half needs a rate to offer half of
+        raise TooShortToMeasure(full)
     # half the rate, for 20 seconds of events (5 of them warm-up), with the throughput run's mix of message sizes
     budget = int(rate / 2 * 20)
     latency_messages = (
@@ -593,6 +645,7 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
         "accounted": full["accounted"],
         "unstored_share": full["unstored_share"],
         "steady_state": full["steady_state"],
+        "store_wait_share": full["store_wait_share"],
         **latency,
     }
 

@@ -518,13 +518,19 @@ def _warn_if_not_steady(result: dict[str, Any]) -> None:
     from dealpulse.agents.bench import STEADY_STATE_MAX_UNSTORED_SHARE
 
     if not result.get("steady_state", True):
-        needed = int(result["events"] * result["unstored_share"] / STEADY_STATE_MAX_UNSTORED_SHARE) + 1
         click.echo(
             f"warning: up to {result['unstored_share']:.0%} of this run was processed but not yet stored (more than"
             f" {STEADY_STATE_MAX_UNSTORED_SHARE:.0%}): its events/s include the final store drain and read high;"
-            f" use --events {needed:,} or more",
+            f" use --events {_events_needed(result):,} or more",
             err=True,
         )
+
+
+def _events_needed(result: dict[str, Any]) -> int:
+    """Events for a run whose in-flight share stays within the steady-state bound (from this run's share)."""
+    from dealpulse.agents.bench import STEADY_STATE_MAX_UNSTORED_SHARE
+
+    return int(result["events"] * result["unstored_share"] / STEADY_STATE_MAX_UNSTORED_SHARE) + 1
 
 
 @bench.command("ingest")
@@ -562,11 +568,14 @@ def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) ->
     20 s of traffic without a pause; what the worker observes before the first 5 s of it are accounted for is
     warm-up and not counted.
     """
-    from dealpulse.agents.bench import bench_score
+    from dealpulse.agents.bench import TooShortToMeasure, bench_score
     from dealpulse.agents.embedded import temporary_workdir
 
     with temporary_workdir() as wd:
-        result = bench_score(wd, n_events, seed, batch_size)
+        try:
+            result = bench_score(wd, n_events, seed, batch_size)
+        except TooShortToMeasure as exc:
+            raise click.ClickException(f"{exc}; use --events {_events_needed(exc.result):,} or more") from exc
     _warn_if_not_steady(result)
     if as_json:
         click.echo(orjson.dumps(result).decode())

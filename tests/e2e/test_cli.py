@@ -77,3 +77,27 @@ def test_helpful_errors() -> None:
     result = dealpulse("replay", "/nonexistent.jsonl")
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert "demo" in dealpulse("--help").stdout
+
+
+def test_bench_score_reports_every_figure_it_documents_and_warns_when_too_short() -> None:
+    # figures are not asserted (they belong to the bench, not to a test); what a user reads from it is
+    result = dealpulse("bench", "score", "--events", "100000", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert report["events"] == 100000 and report["accounted"] is True
+    assert report["events_per_s"] > 0 and report["framework_free_events_per_s"] > 0
+    assert report["ratio_to_framework_free"] == round(report["events_per_s"] / report["framework_free_events_per_s"], 3)
+    assert 0 <= report["store_wait_share"] <= 1
+    assert report["latency_samples"] > 0 and report["latency_behind_s"] >= 0
+    for stage in ("kafka_to_score", "kafka_to_batch", "batch_process"):
+        assert 0 < report[f"p50_{stage}_ms"] <= report[f"p99_{stage}_ms"]
+    # 100k events are too few for a steady state: the bench says so, and how many events to use instead
+    assert report["steady_state"] is False
+    assert "read high; use --events" in result.stderr
+
+
+def test_bench_score_too_short_for_a_rate_says_how_many_events_to_use() -> None:
+    result = dealpulse("bench", "score", "--events", "2000", timeout=300)
+    assert result.returncode == 1
+    assert "Error: 2,000 events are too few to measure a rate" in result.stderr
+    assert "use --events" in result.stderr and "Traceback" not in result.stderr
