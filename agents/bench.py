@@ -614,6 +614,26 @@ class TooShortToMeasure(Exception):
         )
 
 
+LATENCY_SECONDS = 20.0  # of traffic, without a pause ...
+LATENCY_WARMUP_S = 5.0  # ... the first of which are warm-up
+
+
+def bench_latency(
+    workdir: Path, events_per_s: float, seed: int, batch_size: int, messages: list[tuple[str, bytes, int]] | None = None
+) -> dict[str, Any]:
+    """Kafka append -> score latency at ``events_per_s`` offered (the second half of :func:`bench_score`), on
+    ``LATENCY_SECONDS`` of events picked across ``messages`` (or a generated world's) so that they have its mix of
+    message sizes."""
+    budget = int(events_per_s * LATENCY_SECONDS)
+    if messages is None or budget > sum(items for _key, _value, items in messages):
+        messages = list(pack_messages(generate_world(seed, budget).records(), batch_size))
+    picked = spread_sample(messages, budget)
+    return {
+        "latency_events_per_message_mean": round(sum(items for _key, _value, items in picked) / len(picked), 1),
+        **score_latency_at(workdir, picked, events_per_s, warmup_s=LATENCY_WARMUP_S),
+    }
+
+
 def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dict[str, Any]:
     """The full path (ingest + state + both models + store) on one worker, the framework-free limit, and the
     p99 latency at half of the measured rate."""
@@ -626,19 +646,12 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
     rate = full["events_per_s"]
     if not math.isfinite(rate):  # the latency half needs a rate to offer half of
         raise TooShortToMeasure(full)
-    # half the rate, for 20 seconds of events (5 of them warm-up), with the throughput run's mix of message sizes
-    budget = int(rate / 2 * 20)
-    latency_messages = (
-        messages if budget <= n_events else list(pack_messages(generate_world(seed, budget).records(), batch_size))
-    )
-    picked = spread_sample(latency_messages, budget)
-    latency = score_latency_at(workdir / "latency", picked, rate / 2, warmup_s=5.0)
+    latency = bench_latency(workdir / "latency", rate / 2, seed, batch_size, messages)
     return {
         "bench": "score",
         "events": full["events"],
         "events_per_message": batch_size,
         "events_per_message_mean": round(full["events"] / full["messages"], 1),
-        "latency_events_per_message_mean": round(sum(m[2] for m in picked) / len(picked), 1),
         "events_per_s": rate,
         "framework_free_events_per_s": round(free_rate, 1),
         "ratio_to_framework_free": round(rate / free_rate, 3) if free_rate else None,

@@ -560,20 +560,25 @@ def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, a
               help=BENCH_EVENTS_HELP)  # fmt: skip
 @click.option("--seed", type=int, default=11, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+@click.option("--latency-at", "latency_at", type=click.FloatRange(min=1), metavar="EVENTS_PER_S",
+              help="only the latency part, at this rate offered (to compare settings; --events is then unused)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_score_cmd(n_events: int, seed: int, batch_size: int, as_json: bool) -> None:
+def bench_score_cmd(n_events: int, seed: int, batch_size: int, latency_at: float | None, as_json: bool) -> None:
     """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run.
 
     Then the Kafka append -> scores acknowledged latency (p50/p99) at half the measured rate, in steady state:
     20 s of traffic without a pause; what the worker observes before the first 5 s of it are accounted for is
-    warm-up and not counted.
+    warm-up and not counted. The worker takes its settings from DEALPULSE_* variables, as a real one does.
     """
-    from dealpulse.agents.bench import TooShortToMeasure, bench_score
+    from dealpulse.agents.bench import TooShortToMeasure, bench_latency, bench_score
     from dealpulse.agents.embedded import temporary_workdir
 
     with temporary_workdir() as wd:
         try:
-            result = bench_score(wd, n_events, seed, batch_size)
+            if latency_at is not None:
+                result = {"bench": "score-latency", **bench_latency(wd, latency_at, seed, batch_size)}
+            else:
+                result = bench_score(wd, n_events, seed, batch_size)
         except TooShortToMeasure as exc:
             raise click.ClickException(f"{exc}; use --events {_events_needed(exc.result):,} or more") from exc
     _warn_if_not_steady(result)

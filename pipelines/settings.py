@@ -133,7 +133,13 @@ class Settings(BaseSettings):
 
     # sink
     batch_max_messages: int = Field(500, ge=1, description="process (score) after this many Kafka messages ...")
-    batch_max_seconds: float = Field(0.005, gt=0, description="... or after this long, whichever first")
+    # Faust's take waits this long after every batch unless the batch is full, so it adds to every event's latency;
+    # 2 ms read p50 / p99 Kafka -> score 15 / 53 ms against 18 / 63 ms at 5 ms (means of six interleaved runs at 17k
+    # events/s), throughput unchanged; an idle worker wakes more often (7 % of a core against 5.6 %). 1 ms read no
+    # better (p99 64 ms).
+    batch_max_seconds: float = Field(
+        0.002, gt=0, description="... or this long after the previous batch was processed, whichever first"
+    )
     store_flush_events: int = Field(50_000, ge=1, description="write processed items to the store at this many ...")
     store_flush_seconds: float = Field(0.5, gt=0, description="... or this long after the first, whichever first")
     groups_in_flight: int = Field(

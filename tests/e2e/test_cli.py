@@ -101,3 +101,13 @@ def test_bench_score_too_short_for_a_rate_says_how_many_events_to_use() -> None:
     assert result.returncode == 1
     assert "Error: 2,000 events are too few to measure a rate" in result.stderr
     assert "use --events" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_score_latency_only_at_a_given_rate() -> None:
+    result = dealpulse("bench", "score", "--latency-at", "1000", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert report["bench"] == "score-latency" and report["latency_events_per_s_offered"] == 1000
+    assert report["latency_events"] > 0 and report["latency_samples"] > 0
+    assert 0 < report["p50_kafka_to_score_ms"] <= report["p99_kafka_to_score_ms"]
+    assert "events_per_s" not in report  # no throughput run
