@@ -119,6 +119,7 @@ def unstored_share(events_per_s: float, settings: Settings, events: int) -> floa
 # the embedded store's CPU in a 600k-event run (1.7 s of 4.7 s). The count changes once per store group (~0.5 s),
 # so 5 polls a second still see every change, and late by the same 0.1 s on average at both ends of the window.
 ACCOUNTING_POLL_S = 0.2
+MEASURED_SPAN = (0.2, 0.8)  # throughput is measured while the accounted count goes between these fractions of a run
 
 
 @dataclass
@@ -135,7 +136,7 @@ class WindowProbe:
     """
 
     read: Callable[[], float | None]
-    at: tuple[float, float] = (0.2, 0.8)  # the fractions of the run steady_rate measures between
+    at: tuple[float, float] = MEASURED_SPAN
     readings: dict[float, tuple[float, float | None]] = field(default_factory=dict)
 
     def offer(self, now: float, total: int, sent: int) -> None:
@@ -173,7 +174,7 @@ def accounting_samples(
 
 
 def steady_rate(
-    samples: list[tuple[float, int]], total: int, low: float = 0.2, high: float = 0.8
+    samples: list[tuple[float, int]], total: int, low: float = MEASURED_SPAN[0], high: float = MEASURED_SPAN[1]
 ) -> tuple[float, float]:
     """Items per second while the accounted count went from ``low`` to ``high`` of ``total``, and that span.
 
