@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     # Faust's take waits this long after every batch unless the batch is full, so it adds to every event's latency;
     # 2 ms read p50 / p99 Kafka -> score 15 / 53 ms against 18 / 63 ms at 5 ms (means of six interleaved runs at 17k
     # events/s), throughput unchanged; an idle worker wakes more often (7 % of a core against 5.6 %). 1 ms read no
-    # better (p99 64 ms).
+    # better (p99 64 ms). Three later pairs: p50 14 against 18 ms again, p99 65 against 70 ms (noisy).
     batch_max_seconds: float = Field(
         0.002, gt=0, description="... or this long after the previous batch was processed, whichever first"
     )
