@@ -91,10 +91,11 @@ def worker() -> None:
     from dealpulse.agents.gc_tuning import tune_for_worker as tune_gc_for_worker
     from dealpulse.agents.kafka_admin import ensure_topics
     from dealpulse.agents.metrics import IngestMetrics
-    from dealpulse.pipelines.store.client import connect, preload_insert_path
+    from dealpulse.pipelines.store.client import connect, preload_insert_path, quiet_client_retry_logs
     from dealpulse.pipelines.store.migrations import applied_versions, load_migrations
 
     settings = Settings()
+    quiet_client_retry_logs()
     preload_insert_path()  # before the GC freeze, so what it imports is frozen too
     store_ = connect(settings)
     missing = {m.version for m in load_migrations()} - (

@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     )
     store_retry_initial_s: float = Field(0.2, gt=0)
     store_retry_max_s: float = Field(10.0, gt=0)
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0,
+        description="on SIGTERM, how long a worker lets processed batches reach the store; what has not by then is "
+        "not acked (read again after a restart). Keep it under the orchestrator's kill timeout (Kubernetes: 30 s)",
+    )
 
     # worker process
     data_dir: Path = Field(Path(".dealpulse/worker"), description="Faust data directory")

@@ -102,3 +102,15 @@ def connect(settings: Settings, *, user: str | None = None, password: str | None
     if client.command(f"EXISTS DATABASE {settings.clickhouse_database}") == 1:
         store.use_database()
     return store
+
+
+def quiet_client_retry_logs() -> None:
+    """Leave store retries to our writer's one line per attempt ("insert into … failed (attempt n, retry in s)").
+
+    urllib3 and clickhouse-connect each add a warning (one with a traceback) for every failed attempt: with the
+    store down, three log entries every backoff, for as long as the outage lasts. Their errors still show.
+    """
+    import logging
+
+    for name in ("urllib3.connectionpool", "clickhouse_connect.driver._backend.http_sync"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -12,13 +12,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, DUPLICATE_COLUMNS, EVENT_COLUMNS, Batch
 from dealpulse.pipelines.scoring import SCORE_COLUMNS
 from dealpulse.pipelines.store.client import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # (Batch attribute, table, columns): where the rows of a Batch go
 _TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -64,7 +65,11 @@ class StoreUnavailable(RuntimeError):
 
 
 class BatchWriter:
-    """Writes batches; ``on_retry(table, attempt, error)`` and ``on_insert(table, rows, seconds)`` report progress."""
+    """Writes batches, retrying each insert until the store accepts it (or ``should_stop`` says to give up).
+
+    ``on_retry(table, attempt, error)`` and ``on_insert(table, rows, seconds)`` report inserts;
+    ``on_read_retry(attempt, error)`` reports the reads done through :meth:`read`.
+    """
 
     def __init__(
         self,
@@ -73,12 +78,14 @@ class BatchWriter:
         should_stop: Callable[[], bool] = lambda: False,
         on_retry: Callable[[str, int, Exception], None] | None = None,
         on_insert: Callable[[str, int, float], None] | None = None,
+        on_read_retry: Callable[[int, Exception], None] | None = None,
     ) -> None:
         self.store = store
         self.retry = retry
         self.should_stop = should_stop
         self.on_retry = on_retry
         self.on_insert = on_insert  # (table, rows, seconds) after each accepted insert
+        self.on_read_retry = on_read_retry
 
     def write(self, batch: Batch) -> None:
         for name, table, columns in _TABLES:
@@ -86,22 +93,48 @@ class BatchWriter:
             if rows:
                 self._insert_with_retry(table, rows, columns)
 
+    def read(self, what: str, action: Callable[[Store], T]) -> T:
+        """``action(store)``, retried like an insert: a worker that cannot read its state waits for the store.
+
+        >>> from unittest import mock
+        >>> flaky = mock.Mock(side_effect=[ConnectionError("down"), 42])
+        >>> BatchWriter(mock.Mock(), RetryPolicy(0.001, 0.001)).read("the answer", flaky)
+        42
+        """
+        return self._retrying(f"reading {what}", lambda: action(self.store), self.on_read_retry)
+
     def _insert_with_retry(self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> None:
         token = dedup_token(table, rows, columns)
+
+        def insert() -> None:
+            started = time.perf_counter()
+            self.store.insert(table, rows, columns, dedup_token=token)
+            if self.on_insert:
+                self.on_insert(table, len(rows), time.perf_counter() - started)
+
+        on_retry = self.on_retry
+        report = (lambda attempt, exc: on_retry(table, attempt, exc)) if on_retry else None
+        self._retrying(f"insert into {table}", insert, report)
+
+    def _retrying(self, what: str, action: Callable[[], T], report: Callable[[int, Exception], None] | None) -> T:
         for attempt, delay in enumerate(self.retry.delays(), start=1):
             try:
-                started = time.perf_counter()
-                self.store.insert(table, rows, columns, dedup_token=token)
-                if self.on_insert:
-                    self.on_insert(table, len(rows), time.perf_counter() - started)
-                return
+                return action()
             except Exception as exc:  # any store/network error: retry, never skip
-                if self.on_retry:
-                    self.on_retry(table, attempt, exc)
-                log.warning("insert into %s failed (attempt %d, retry in %.1fs): %s", table, attempt, delay, exc)
+                if report:
+                    report(attempt, exc)
                 if self.should_stop():
-                    raise StoreUnavailable(f"insert into {table} failed {attempt} times: {exc}") from exc
-                time.sleep(delay)
+                    raise StoreUnavailable(f"{what} failed {attempt} times: {exc}") from exc
+                log.warning("%s failed (attempt %d, retry in %.1fs): %s", what, attempt, delay, exc)
+                self._sleep_unless_stopped(delay)
+        raise AssertionError("unreachable: the delays never end")
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        """Back off, but cut it short when asked to stop: a stopping worker must not wait out a 10 s backoff (the
+        next attempt then is the last one)."""
+        deadline = time.monotonic() + seconds
+        while not self.should_stop() and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
 
 
 def load_partition_state(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
 
 import orjson
 import pytest
@@ -12,12 +15,13 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dealpulse.agents.bench import rebalance_scenario
 from dealpulse.agents.dlq import replay_dead_letters
-from dealpulse.agents.stack import WorkerProcess, produce
+from dealpulse.agents.embedded import StoreCredentials, free_port, start_store
+from dealpulse.agents.stack import WorkerProcess, produce, worker_metric
 from dealpulse.pipelines.generator import generate_world, pack_messages
 from dealpulse.pipelines.settings import DEFAULT_STAGES, Settings
-from dealpulse.pipelines.store.client import Store
+from dealpulse.pipelines.store.client import Store, connect
 from dealpulse.pipelines.store.writer import accounting
-from tests.conftest import wait_accounted
+from tests.conftest import make_settings, wait_accounted
 
 pytestmark = pytest.mark.integration
 StartWorker = Callable[..., WorkerProcess]
@@ -166,3 +170,54 @@ def test_a_worker_behind_favours_throughput_until_it_caught_up(
     text = metrics_text(worker)
     assert sample(text, "dealpulse_behind_seconds_total") > 0  # some batches ran with the long interval
     assert sample(text, "dealpulse_gil_switch_interval_seconds") == behind.gil_switch_interval_ms / 1000  # caught up
+
+
+@pytest.mark.parametrize("store_down", ["before_first_message", "mid_stream"])
+def test_sigterm_while_the_store_is_down_stops_the_worker_in_its_grace_and_loses_nothing(
+    services: dict[str, object], tmp_path: Path, start_worker: StartWorker, store_down: str
+) -> None:
+    """The worker cannot store (so it must not ack) what it took; SIGTERM must still stop it, and the batches it
+    held are processed after a restart. Faust waited for their acks forever (a worker ignored SIGTERM for 1.5 h);
+    a store down when a partition's first message came crashed the agent, and those messages then waited for a
+    restart while the worker looked healthy."""
+    credentials, port = StoreCredentials(), free_port()
+    store_process, _ = start_store(tmp_path, tmp_path / "own-store", credentials, port)
+    try:
+        settings = make_settings({**services, "store_port": port, "credentials": credentials}, tmp_path)
+        grace = 3.0
+        _, valid_ids, malformed, duplicates = expected_outcome(seed=55, n_events=3000)
+        messages = list(pack_messages(generate_world(55, 3000).records(), 50))
+        first, second = messages[: len(messages) // 2], messages[len(messages) // 2 :]
+        worker = start_worker(settings.model_copy(update={"shutdown_grace_s": grace}))
+        if store_down == "mid_stream":  # partitions loaded, groups written: the next one is in flight when it dies
+            _, sent_first = produce(settings, first)
+            with closing(connect(settings)) as store:
+                assert sum(wait_accounted(store, sent_first).values()) == sent_first
+        store_process.stop()
+        produce(settings, first if store_down == "before_first_message" else second)
+        deadline = time.monotonic() + 60
+        while worker_metric(worker, "dealpulse_store_backing_off") != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker_metric(worker, "dealpulse_store_backing_off") == 1, "the worker never tried the store"
+
+        signalled = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        returncode = worker.process.wait(timeout=grace + 30)
+        took = time.monotonic() - signalled
+        assert returncode == 0, worker.log_tail()
+        assert took < grace + 10, f"stopped {took:.1f} s after SIGTERM with a {grace} s grace"
+        assert "are not acked and are read again after a restart" in worker.log_path.read_text()
+
+        store_process, _ = start_store(tmp_path, tmp_path / "own-store", credentials, port)
+        start_worker(settings)
+        if store_down == "before_first_message":
+            produce(settings, second)
+        with closing(connect(settings)) as store:
+            wait_accounted(store, sum(items for _, _, items in messages))
+            time.sleep(1.5)  # anything written twice would show up now
+            counts = accounting(store)
+            assert counts == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
+            assert {row[0] for row in store.query_rows("SELECT event_id FROM events")} == valid_ids
+            assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids),) * 2]
+    finally:
+        store_process.stop()
