@@ -403,6 +403,10 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
     """
 
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+        # With the broker gone the thread dies on its way out (aiokafka raises NodeNotReadyError while it stops) and
+        # never says it is done, so a stopping worker waited mode's default 60 s for it; a healthy one takes < 1 s
+        shutdown_timeout = 5.0
+
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
             consumer._fetch_max_wait_ms = wait_ms  # read when the consumer starts, right after this

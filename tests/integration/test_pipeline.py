@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, TopicPartition
 from dealpulse.agents.bench import rebalance_scenario
 from dealpulse.agents.dlq import replay_dead_letters
 from dealpulse.agents.embedded import StoreCredentials, free_port, start_store
-from dealpulse.agents.stack import WorkerProcess, produce, worker_metric
+from dealpulse.agents.stack import EmbeddedStack, WorkerProcess, produce, worker_metric
 from dealpulse.pipelines.generator import generate_world, pack_messages
 from dealpulse.pipelines.settings import DEFAULT_STAGES, Settings
 from dealpulse.pipelines.store.client import Store, connect
@@ -221,3 +221,17 @@ def test_sigterm_while_the_store_is_down_stops_the_worker_in_its_grace_and_loses
             assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids),) * 2]
     finally:
         store_process.stop()
+
+
+def test_sigterm_with_the_broker_and_the_store_gone_stops_the_worker_promptly(tmp_path: Path) -> None:
+    """With Kafka down, Faust's consumer thread died on its way out and the worker waited 60 s for it."""
+    with EmbeddedStack(tmp_path) as stack:
+        worker = stack.start_worker()
+        stack.wait_worker_ready(worker)
+        for process in stack.processes:  # the broker and the store
+            process.stop()
+        signalled = time.monotonic()
+        returncode = worker.stop(timeout=90)  # SIGTERM, then SIGKILL after 90 s
+        took = time.monotonic() - signalled
+        assert returncode == 0, worker.log_tail()
+        assert took < 20, f"stopped {took:.1f} s after SIGTERM"
