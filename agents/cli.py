@@ -90,6 +90,7 @@ def worker() -> None:
     from dealpulse.agents.app import create_app
     from dealpulse.agents.gc_tuning import tune_for_worker as tune_gc_for_worker
     from dealpulse.agents.kafka_admin import ensure_topics
+    from dealpulse.agents.log_repeats import collapse_repeated_logs
     from dealpulse.agents.metrics import IngestMetrics
     from dealpulse.pipelines.store.client import connect, preload_insert_path, quiet_client_retry_logs
     from dealpulse.pipelines.store.migrations import applied_versions, load_migrations
@@ -111,6 +112,7 @@ def worker() -> None:
     port = metrics.serve(settings.metrics_port)
     click.echo(f"metrics on http://127.0.0.1:{port}/metrics", err=True)
     app = create_app(settings, metrics)
+    collapse_repeated_logs(["aiokafka"])  # with Kafka down it logs ~80 lines/s, all alike
     process = Worker(app, loglevel=settings.log_level, quiet=True)
     # Faust's spinner sets the root logger to DEBUG (to spin on every record): every debug call on the hot path
     # would then build a log record for nothing (~3 % of a worker's CPU, measured)

@@ -29,7 +29,7 @@ from typing import Any
 
 import faust
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from faust import streams as faust_streams
 from faust.types import TP, EventT, TableT
 
@@ -98,6 +98,18 @@ class SnapshotFollower:
                  snapshot.name, snapshot.version, snapshot.learned)  # fmt: skip
         return True
 
+    def _read_to_end(self, consumer: Consumer) -> bool:
+        """Whether everything on the models topic has been read. Asked only until it has: with the broker down
+        the question raises, and it used to end the thread (no hot swap until the worker restarted)."""
+        models = TopicPartition(self.settings.models_topic, 0)
+        try:
+            _low, high = consumer.get_watermark_offsets(models, 5)
+            position = consumer.position([models])[0].offset
+        except KafkaException as exc:
+            log.warning("cannot tell yet whether the newest model snapshots are read: %s", exc)
+            return False
+        return bool(high <= 0 or position >= high)
+
     def _run(self) -> None:
         consumer = Consumer(
             {
@@ -112,9 +124,7 @@ class SnapshotFollower:
             while not self._stop.is_set():
                 message = consumer.poll(0.5)
                 if message is None:
-                    _low, high = consumer.get_watermark_offsets(TopicPartition(self.settings.models_topic, 0), 5)
-                    position = consumer.position([TopicPartition(self.settings.models_topic, 0)])[0].offset
-                    if high <= 0 or position >= high:
+                    if not self.caught_up.is_set() and self._read_to_end(consumer):
                         self.caught_up.set()
                     continue
                 if message.error() or not message.value():
@@ -123,7 +133,7 @@ class SnapshotFollower:
                     self.offer(load_snapshot(message.value() or b""))
                 except Exception:  # a corrupt snapshot must not stop scoring with the current one
                     log.exception("ignoring an unreadable model snapshot at offset %s", message.offset())
-        except Exception:
+        except Exception:  # a bug: say so loudly; scoring goes on with the snapshots it has
             log.exception("snapshot follower stopped")
         finally:
             consumer.close()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from dealpulse.models.online import ModelSnapshot, OnlineModel, dump_snapshot, load_snapshot
@@ -207,7 +207,11 @@ def run_trainer(settings: Settings, stop: threading.Event, metrics: TrainerMetri
                     producer.produce(settings.models_topic, key=snapshot.name.encode(), value=dump_snapshot(snapshot))
                 producer.flush(30)
                 pending, unpublished_since = 0, None
-            _low, high = consumer.get_watermark_offsets(TopicPartition(settings.training_topic, 0), 5)
+            try:
+                _low, high = consumer.get_watermark_offsets(TopicPartition(settings.training_topic, 0), 5)
+            except KafkaException as exc:  # the broker is unreachable: the clients reconnect by themselves
+                log.warning("training lag unknown: %s", exc)
+                continue
             trainer.metrics.lag.set(max(0, high - 1 - min(trainer.offsets.values())))
     finally:
         producer.flush(30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -9,11 +10,15 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from dealpulse.agents.embedded import start_broker
 from dealpulse.agents.evaluate import wait_trainer_caught_up
+from dealpulse.agents.kafka_admin import ensure_topics
+from dealpulse.agents.scoring import SnapshotFollower
 from dealpulse.agents.stack import WorkerProcess, produce, start_trainer_process, worker_metric
-from dealpulse.agents.trainer import newest_snapshots
+from dealpulse.agents.trainer import Trainer, TrainerMetrics, newest_snapshots, run_trainer
+from dealpulse.models.online import dump_snapshot
 from dealpulse.pipelines.contract import ContractRules
 from dealpulse.pipelines.features import FeatureSpec
 from dealpulse.pipelines.generator import generate_world, pack_messages
@@ -21,7 +26,7 @@ from dealpulse.pipelines.ingest import Batch, DedupState, SourceRef, process_mes
 from dealpulse.pipelines.scoring import EntityStates, Scorer
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store
-from tests.conftest import wait_accounted
+from tests.conftest import make_settings, wait_accounted
 
 pytestmark = pytest.mark.integration
 StartWorker = Callable[..., WorkerProcess]
@@ -149,3 +154,41 @@ def test_scores_flow_the_trainer_learns_and_a_restarted_trainer_resumes_from_the
     learned = after["intent"].learned + after["churn"].learned
     assert learned == len(examples)
     assert newest_snapshots(settings)["intent"].version == after["intent"].version
+
+
+def test_the_snapshot_follower_and_the_trainer_ride_out_a_broker_outage(
+    services: dict[str, object], tmp_path: Path
+) -> None:
+    """Both asked the broker for a high watermark on every idle poll; with the broker down that raised, and the
+    follower's thread ended (no hot swap until the worker restarted) and the trainer exited."""
+    broker, bootstrap = start_broker(tmp_path)
+    port = int(bootstrap.rsplit(":", 1)[1])
+    try:
+        settings = make_settings({**services, "bootstrap": bootstrap}, tmp_path)
+        follower = SnapshotFollower(settings, FeatureSpec.default())
+        stop_trainer = threading.Event()
+        trainer = threading.Thread(target=run_trainer, args=(settings, stop_trainer), daemon=True)
+        follower.start()
+        trainer.start()
+        assert follower.caught_up.wait(30), "the follower never read the (empty) models topic"
+
+        broker.stop()
+        time.sleep(4)  # several idle polls of both with nothing to ask
+        broker, _ = start_broker(tmp_path, port)  # memory storage: the topics are gone; made again below
+        ensure_topics(settings)
+        assert follower._thread.is_alive() and trainer.is_alive(), "an outage of 4 s ended a thread"
+
+        fresh = Trainer(settings, FeatureSpec.default(), TrainerMetrics()).snapshots()[0]
+        publish = Producer({"bootstrap.servers": bootstrap})
+        publish.produce(settings.models_topic, key=fresh.name.encode(), value=dump_snapshot(fresh))
+        assert publish.flush(30) == 0
+        deadline = time.monotonic() + 30
+        while fresh.name not in follower.snapshots and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert follower.snapshots[fresh.name].version == fresh.version, "the follower missed the new snapshot"
+        stop_trainer.set()
+        follower.stop()
+        trainer.join(30)
+        assert not trainer.is_alive()
+    finally:
+        broker.stop()
