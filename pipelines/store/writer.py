@@ -60,6 +60,24 @@ class RetryPolicy:
             delay = min(delay * 2, self.max_s)
 
 
+def root_cause(exc: BaseException) -> str:
+    """The innermost cause, named: the store client wraps a refused connection in three layers, each repeating a
+    300-character URL.
+
+    >>> try:
+    ...     try:
+    ...         raise ConnectionRefusedError(111, "Connection refused")
+    ...     except OSError as refused:
+    ...         raise RuntimeError("Error HTTPConnectionPool(...): Max retries exceeded with url: /?…") from refused
+    ... except RuntimeError as wrapped:
+    ...     root_cause(wrapped)
+    'ConnectionRefusedError: [Errno 111] Connection refused'
+    """
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
 class StoreUnavailable(RuntimeError):
     """The store kept failing and the caller asked to stop retrying."""
 
@@ -125,7 +143,7 @@ class BatchWriter:
                     report(attempt, exc)
                 if self.should_stop():
                     raise StoreUnavailable(f"{what} failed {attempt} times: {exc}") from exc
-                log.warning("%s failed (attempt %d, retry in %.1fs): %s", what, attempt, delay, exc)
+                log.warning("%s failed (attempt %d, retry in %.1fs): %s", what, attempt, delay, root_cause(exc))
                 self._sleep_unless_stopped(delay)
         raise AssertionError("unreachable: the delays never end")
 
