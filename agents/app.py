@@ -441,24 +441,15 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             # Faust's seek runs in the consumer thread, so records not handed on while it was under way may have
             # been fetched after it: nothing would fetch them again, and in a partition where nothing new arrives
             # they waited for the next restart (measured: 1 run in 5 of a restart test). Read those partitions
-            # again from where Faust now expects. Records dropped during that seek are sought again (a few rounds;
-            # in a flowing partition the gap check in getmany catches anything left).
-            for _round in range(3):
-                dropped, self._dropped_before_seek = self._dropped_before_seek, {}
-                for tp, lowest in dropped.items():
-                    expected = self._read_offset.get(tp)
-                    again_from = expected if expected is not None else lowest  # None: no committed offset yet
-                    log.info("%s: records arrived while seeking to the committed offsets; reading again from %d",
-                             tp, again_from)  # fmt: skip
-                    await self._seek_in_thread(tp, again_from)
+            # again from where Faust now expects; up to the end of this method nothing else runs on this loop.
+            for tp, lowest in self._dropped_before_seek.items():
+                expected = self._read_offset.get(tp)
+                again_from = expected if expected is not None else lowest  # None: no committed offset yet
+                log.info("%s: records arrived while seeking to the committed offsets; reading again from %d",
+                         tp, again_from)  # fmt: skip
+                await self.seek(tp, again_from)
             self._dropped_before_seek.clear()
             self._seek_done = set(self.assignment())
-
-        async def _seek_in_thread(self, tp: TP, offset: int) -> None:
-            """Seek on the consumer's own thread. aiokafka is not thread-safe: Faust's ``seek`` from the event loop
-            raced the thread's ``fetched_records`` (a KeyError in aiokafka's fetcher crashed the worker in 1 of 6
-            join-and-leave runs)."""
-            await self.seek_wait({tp: offset})
 
         async def getmany(self, timeout: float) -> Any:
             async for tp, message in super().getmany(timeout):
@@ -477,7 +468,7 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
                         self._sought_to[tp] = expected
                         log.warning("%s: record at offset %d arrived while offset %d was next; reading again from "
                                     "%d", tp, offset, expected, expected)  # fmt: skip
-                        await self._seek_in_thread(tp, expected)  # at worst one record again: the dedup drops it
+                        await self.seek(tp, expected)  # at worst one record again: the dedup drops it
                     continue
                 self._sought_to.pop(tp, None)
                 yield tp, message
