@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,13 @@ def bench_ingest(
         worker = stack.start_worker(metrics_enabled=metrics)
         # the share of the window the worker's processing stood still waiting for the store (metrics on only)
         store_wait = WindowProbe(lambda: worker_metric(worker, "dealpulse_store_wait_seconds_total"))
-        samples = accounting_samples(stack, sent, timeout, store_wait if metrics else None)
+        # CPU each process used in the window: on two cores the store and the broker share the worker's CPU
+        cpu = {
+            name: WindowProbe(partial(process_cpu_seconds, pid))
+            for name, pid in [("worker", worker.pid), *((p.name, p.pid) for p in stack.processes)]
+        }
+        probes = [*cpu.values(), *([store_wait] if metrics else [])]
+        samples = accounting_samples(stack, sent, timeout, probes)
         rate, elapsed = steady_rate(samples, sent)
         counts = stack.accounting()
         share = unstored_share(rate, settings, sent)
@@ -86,6 +94,7 @@ def bench_ingest(
         "unstored_share": share,
         "steady_state": share <= STEADY_STATE_MAX_UNSTORED_SHARE,
         "store_wait_share": store_wait.share() if metrics else None,
+        "cpu_cores": {name: probe.share() for name, probe in cpu.items()},
     }
 
 
@@ -152,11 +161,27 @@ class WindowProbe:
         return round((last - first) / (end - start), 3)
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far; None where ``/proc`` does not tell (not Linux, or
+    the process is gone).
+
+    >>> import os
+    >>> (process_cpu_seconds(os.getpid()) or 0.0) > 0, process_cpu_seconds(-1)
+    (True, None)
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
 def accounting_samples(
-    stack: EmbeddedStack, sent: int, timeout: float, probe: WindowProbe | None = None
+    stack: EmbeddedStack, sent: int, timeout: float, probes: Sequence[WindowProbe] = ()
 ) -> list[tuple[float, int]]:
     """(monotonic time, items accounted for) at every change, until all ``sent`` items are accounted for; each
-    change is offered to ``probe``."""
+    change is offered to the ``probes``."""
     samples: list[tuple[float, int]] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -164,7 +189,7 @@ def accounting_samples(
         now = time.monotonic()
         if total and (not samples or samples[-1][1] != total):
             samples.append((now, total))
-            if probe is not None:
+            for probe in probes:
                 probe.offer(now, total, sent)
         if total >= sent:
             return samples
@@ -635,6 +660,24 @@ def bench_latency(
     }
 
 
+def cpu_per_event(cores: dict[str, float | None], events_per_s: float, free_events_per_s: float) -> dict[str, Any]:
+    """CPU microseconds per event of each process in the measuring window, and the worker's CPU against the
+    framework-free loop's (a ratio of CPU, not of rates: what a worker that never waited and had its core to
+    itself would reach).
+
+    >>> cpu_per_event({"worker": 0.9, "store": 0.4, "broker": None}, 20_000, 40_000)
+    {'cpu_us_per_event': {'worker': 45.0, 'store': 20.0, 'broker': None}, 'framework_free_us_per_event': 25.0, 'framework_free_to_worker_cpu': 0.556}
+    """
+    per_event = {name: None if used is None else round(used / events_per_s * 1e6, 1) for name, used in cores.items()}
+    free_us = 1e6 / free_events_per_s
+    worker_us = per_event.get("worker")
+    return {
+        "cpu_us_per_event": per_event,
+        "framework_free_us_per_event": round(free_us, 1),
+        "framework_free_to_worker_cpu": round(free_us / worker_us, 3) if worker_us else None,
+    }
+
+
 def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dict[str, Any]:
     """The full path (ingest + state + both models + store) on one worker, the framework-free limit, and the
     p99 latency at half of the measured rate."""
@@ -660,6 +703,8 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
         "unstored_share": full["unstored_share"],
         "steady_state": full["steady_state"],
         "store_wait_share": full["store_wait_share"],
+        "cpu_cores": full["cpu_cores"],
+        **cpu_per_event(full["cpu_cores"], rate, free_rate),
         **latency,
     }
 

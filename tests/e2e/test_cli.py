@@ -88,6 +88,12 @@ def test_bench_score_reports_every_figure_it_documents_and_warns_when_too_short(
     assert report["events_per_s"] > 0 and report["framework_free_events_per_s"] > 0
     assert report["ratio_to_framework_free"] == round(report["events_per_s"] / report["framework_free_events_per_s"], 3)
     assert 0 <= report["store_wait_share"] <= 1
+    # every process of the stack used some CPU in the window, at most both cores' worth
+    assert set(report["cpu_cores"]) == {"worker", "store", "broker"}
+    assert all(0 < cores <= os.cpu_count() for cores in report["cpu_cores"].values())
+    worker_us = report["cpu_us_per_event"]["worker"]
+    assert abs(worker_us - report["cpu_cores"]["worker"] / report["events_per_s"] * 1e6) <= 0.1
+    assert abs(report["framework_free_to_worker_cpu"] - report["framework_free_us_per_event"] / worker_us) < 0.005
     assert report["latency_samples"] > 0 and report["latency_behind_s"] >= 0
     for stage in ("kafka_to_score", "kafka_to_batch", "batch_process"):
         assert 0 < report[f"p50_{stage}_ms"] <= report[f"p99_{stage}_ms"]
