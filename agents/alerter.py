@@ -33,6 +33,7 @@ from dealpulse.pipelines.ingest import decode_message
 from dealpulse.pipelines.rules import PartitionState, RuleEngine, RuleSet
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store, connect
+from dealpulse.pipelines.store.writer import connect_when_ready
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Alerter:
     def __init__(self, settings: Settings, metrics: AlerterMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or AlerterMetrics()
-        self.store = connect(settings)
+        self.store = connect_when_ready(settings)  # an alerter started before its store waits for it
         self.rules = RuleSet.load(None)
         self.engine = self._engine(self.rules)
         self.slots: dict[int, PartitionSlot] = {}

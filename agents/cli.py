@@ -92,13 +92,14 @@ def worker() -> None:
     from dealpulse.agents.kafka_admin import ensure_topics
     from dealpulse.agents.log_repeats import collapse_repeated_logs
     from dealpulse.agents.metrics import IngestMetrics
-    from dealpulse.pipelines.store.client import connect, preload_insert_path, quiet_client_retry_logs
+    from dealpulse.pipelines.store.client import preload_insert_path, quiet_client_retry_logs
     from dealpulse.pipelines.store.migrations import applied_versions, load_migrations
+    from dealpulse.pipelines.store.writer import connect_when_ready
 
     settings = Settings()
     quiet_client_retry_logs()
     preload_insert_path()  # before the GC freeze, so what it imports is frozen too
-    store_ = connect(settings)
+    store_ = connect_when_ready(settings)  # a worker started before its store waits for it
     missing = {m.version for m in load_migrations()} - (
         applied_versions(store_, settings.clickhouse_database)
         if store_.client.command(f"EXISTS TABLE {settings.clickhouse_database}.schema_migrations") == 1

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from dealpulse.pipelines.ingest import DLQ_COLUMNS, DUPLICATE_COLUMNS, EVENT_COLUMNS, Batch
 from dealpulse.pipelines.scoring import SCORE_COLUMNS
-from dealpulse.pipelines.store.client import Store
+from dealpulse.pipelines.settings import Settings
+from dealpulse.pipelines.store.client import Store, connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +77,41 @@ def root_cause(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return f"{type(exc).__name__}: {exc}"
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether the store could not be reached at all (refused, reset, timed out), as opposed to answering with an
+    error (a wrong password, a missing database) that waiting would not fix.
+
+    >>> unreachable(RuntimeError("Max retries exceeded")), unreachable(ConnectionRefusedError(111, "refused"))
+    (False, True)
+    """
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return isinstance(exc, OSError)
+
+
+def connect_when_ready(
+    settings: Settings, retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep
+) -> Store:
+    """Connect to the store, waiting while it cannot be reached.
+
+    A service started before its store, or while the store is down, waits and says so (one line per attempt)
+    instead of exiting with a traceback; an orchestrator would otherwise restart it in a loop. An error the store
+    answers with (a wrong password, say) raises at once.
+    """
+    policy = retry or RetryPolicy(settings.store_retry_initial_s, settings.store_retry_max_s)
+    where = f"{settings.clickhouse_host}:{settings.clickhouse_port}"
+    for attempt, delay in enumerate(policy.delays(), start=1):
+        try:
+            return connect(settings)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            log.warning("the store at %s cannot be reached (attempt %d, retry in %.1fs): %s",
+                        where, attempt, delay, root_cause(exc))  # fmt: skip
+            sleep(delay)
+    raise AssertionError("unreachable: the delays never end")
 
 
 class StoreUnavailable(RuntimeError):

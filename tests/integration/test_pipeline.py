@@ -223,6 +223,63 @@ def test_sigterm_while_the_store_is_down_stops_the_worker_in_its_grace_and_loses
         store_process.stop()
 
 
+@pytest.mark.parametrize("change", ["a_worker_joins", "a_worker_leaves"])
+def test_a_rebalance_while_the_store_is_down_loses_and_doubles_nothing(
+    services: dict[str, object], tmp_path: Path, start_worker: StartWorker, change: str
+) -> None:
+    """The store goes down while workers hold batches they cannot store (so have not acked); then the group changes.
+    A worker started then waits for the store before it joins (it exited with a traceback before); a worker that
+    leaves stops within its grace and the one that stays takes its partitions over. After the store is back every
+    event is stored exactly once and the remaining workers are running."""
+    credentials, port = StoreCredentials(), free_port()
+    store_process, _ = start_store(tmp_path, tmp_path / "own-store", credentials, port)
+    try:
+        settings = make_settings({**services, "store_port": port, "credentials": credentials}, tmp_path)
+        settings = settings.model_copy(update={"shutdown_grace_s": 3.0})
+        _, valid_ids, malformed, duplicates = expected_outcome(seed=56, n_events=3000)
+        messages = list(pack_messages(generate_world(56, 3000).records(), 50))
+        first, second = messages[: len(messages) // 2], messages[len(messages) // 2 :]
+        workers = [start_worker(settings)]
+        if change == "a_worker_leaves":
+            workers.append(start_worker(settings))
+            deadline = time.monotonic() + 60
+            while any(worker_metric(w, "dealpulse_assigned_partitions") != 1 for w in workers):
+                assert time.monotonic() < deadline, "the two workers never shared the partitions"
+                time.sleep(0.2)
+        _, sent_first = produce(settings, first)
+        with closing(connect(settings)) as store:
+            assert sum(wait_accounted(store, sent_first).values()) == sent_first
+        store_process.stop()
+        produce(settings, second)
+        deadline = time.monotonic() + 60
+        while any(worker_metric(w, "dealpulse_store_backing_off") != 1 for w in workers):
+            assert time.monotonic() < deadline, "a worker never tried the store"
+            time.sleep(0.1)
+
+        if change == "a_worker_joins":
+            joiner = start_worker(settings, wait=False)
+            remaining = [*workers, joiner]
+        else:
+            leaver = workers.pop()
+            assert leaver.stop(timeout=30) == 0, leaver.log_tail()
+            remaining = workers
+        time.sleep(2 * settings.kafka_session_timeout_s)  # past the rebalance timeout, with the store still down
+        store_process, _ = start_store(tmp_path, tmp_path / "own-store", credentials, port)
+        with closing(connect(settings)) as store:
+            wait_accounted(store, sum(items for _, _, items in messages))
+            time.sleep(1.5)  # anything written twice would show up now
+            counts = accounting(store)
+            assert counts == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
+            assert {row[0] for row in store.query_rows("SELECT event_id FROM events")} == valid_ids
+            assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids),) * 2]
+        for worker in remaining:
+            assert worker.alive(), worker.log_tail()
+        if change == "a_worker_joins":
+            assert "cannot be reached" in joiner.log_path.read_text()  # it said why it waited
+    finally:
+        store_process.stop()
+
+
 def test_sigterm_with_the_broker_and_the_store_gone_stops_the_worker_promptly(tmp_path: Path) -> None:
     """With Kafka down, Faust's consumer thread died on its way out and the worker waited 60 s for it."""
     with EmbeddedStack(tmp_path) as stack:

@@ -18,7 +18,7 @@ from dealpulse.pipelines.ingest import EVENT_COLUMNS, Batch
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store, connect
 from dealpulse.pipelines.store.migrations import applied_versions, load_migrations, migrate_down, migrate_up
-from dealpulse.pipelines.store.writer import BatchWriter, RetryPolicy
+from dealpulse.pipelines.store.writer import BatchWriter, RetryPolicy, connect_when_ready
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +136,15 @@ def test_writer_retries_until_the_store_is_back(tmp_path: Path) -> None:
     finally:
         store.close()
         process.stop()
+
+
+def test_connecting_when_ready_fails_at_once_on_a_wrong_password_and_connects_to_a_running_store(
+    settings: Settings,
+) -> None:
+    store = connect_when_ready(settings)  # the store runs: the first attempt connects
+    assert store.query_rows("SELECT 1") == [(1,)]
+    store.close()
+    started = time.monotonic()
+    with pytest.raises(DatabaseError, match=r"516|[Aa]uthentication"):  # waiting would not fix it
+        connect_when_ready(settings.model_copy(update={"clickhouse_password": "wrong"}))
+    assert time.monotonic() - started < 5
