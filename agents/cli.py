@@ -16,7 +16,31 @@ from dealpulse.pipelines.analytics import DIMENSIONS, REPORTS
 from dealpulse.pipelines.settings import Settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class ExplainedGroup(click.Group):
+    """A store that cannot be reached is a one-line error that says where and what to do, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            from clickhouse_connect.driver.exceptions import OperationalError
+
+            from dealpulse.pipelines.store.writer import root_cause, unreachable
+
+            if not (isinstance(exc, OperationalError) and unreachable(exc)):
+                raise
+            try:
+                settings = Settings()
+                where = f" at {settings.clickhouse_host}:{settings.clickhouse_port}"
+            except Exception:  # settings that do not load say so themselves, elsewhere
+                where = ""
+            raise click.ClickException(
+                f"cannot reach the store{where} ({root_cause(exc)}). Is it running? Set DEALPULSE_CLICKHOUSE_HOST "
+                "and DEALPULSE_CLICKHOUSE_PORT, or start the embedded stack with `dealpulse demo --keep-running`."
+            ) from exc
+
+
+@click.group(cls=ExplainedGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dealpulse")
 def main() -> None:
     """dealpulse: real-time sales-behaviour analytics (Kafka -> Faust -> River -> ClickHouse).

@@ -11,6 +11,7 @@ import jsonschema
 import orjson
 import pytest
 
+from dealpulse.agents.embedded import free_port
 from dealpulse.agents.stack import settings_env
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store
@@ -117,3 +118,12 @@ def test_bench_score_latency_only_at_a_given_rate() -> None:
     assert report["latency_events"] > 0 and report["latency_samples"] > 0
     assert 0 < report["p50_kafka_to_score_ms"] <= report["p99_kafka_to_score_ms"]
     assert "events_per_s" not in report  # no throughput run
+
+
+def test_a_command_that_cannot_reach_the_store_says_where_and_what_to_do() -> None:
+    port = free_port()  # nothing listens there
+    result = dealpulse("migrate", env={"DEALPULSE_CLICKHOUSE_PORT": str(port)}, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot reach the store at 127.0.0.1:{port} (ConnectionRefusedError" in result.stderr
+    assert "dealpulse demo --keep-running" in result.stderr
+    assert "Traceback" not in result.stderr
