@@ -20,6 +20,9 @@ class ExplainedGroup(click.Group):
     """A store that cannot be reached is a one-line error that says where and what to do, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from dealpulse.pipelines.store.client import quiet_client_retry_logs
+
+        quiet_client_retry_logs()  # the client's own warning per failed attempt would come before ours
         try:
             return super().invoke(ctx)
         except Exception as exc:
