@@ -412,25 +412,6 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             consumer._fetch_max_wait_ms = wait_ms  # read when the consumer starts, right after this
             return consumer
 
-        def seek_between_steps(self, tp: TP, offset: int) -> None:
-            """Seek on this thread's own loop, between two of its steps; returns at once.
-
-            Faust calls aiokafka's seek from the event loop's thread, and aiokafka is not thread-safe: a seek that
-            lands while this thread is in ``fetched_records`` deletes the partition's buffered records under its
-            feet (``KeyError``; measured: it crashed a worker in ~1 of 6 join-and-leave runs). A callback on this
-            loop runs between steps, never inside that synchronous loop. Not waited for: a wait lets other tasks
-            run in the middle of Faust's seek bookkeeping (measured: offsets lost in 2 of 13 runs with it). Records
-            fetched from the old position meanwhile are what the held-back check is there for.
-            """
-
-            def seek() -> None:
-                try:
-                    self.seek(tp, offset)
-                except Exception:  # e.g. the partition was revoked meanwhile: nothing to read there any more
-                    log.warning("%s: seek to %d failed", tp, offset, exc_info=True)
-
-            self.thread_loop.call_soon_threadsafe(seek)
-
     class GaplessConsumer(faust_aiokafka.Consumer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -439,15 +420,8 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             self._seek_done: set[TP] = set()  # sought to the committed offset by Faust since the assignment
             self._dropped_before_seek: dict[TP, int] = {}  # partition -> lowest offset not handed on before it
 
-        thread_class = ConsumerThread
-
         def _new_consumer_thread(self) -> ConsumerThread:
-            return self.thread_class(self, loop=self.loop, beacon=self.beacon)
-
-        async def _seek(self, partition: TP, offset: int) -> None:  # under every Consumer.seek
-            thread = self._thread
-            assert isinstance(thread, ConsumerThread)
-            thread.seek_between_steps(partition, offset)
+            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
         async def on_partitions_revoked(self, revoked: set[TP]) -> None:
             self._seek_done.clear()  # eager rebalancing: every partition is revoked, then assigned afresh
@@ -467,16 +441,15 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             # Faust's seek runs in the consumer thread, so records not handed on while it was under way may have
             # been fetched after it: nothing would fetch them again, and in a partition where nothing new arrives
             # they waited for the next restart (measured: 1 run in 5 of a restart test). Read those partitions
-            # again from where Faust expects. Nothing else runs on this loop until the end of this method (the seeks
-            # are not waited for: see ConsumerThread.seek_between_steps).
-            dropped, self._dropped_before_seek = self._dropped_before_seek, {}
-            self._seek_done = set(self.assignment())
-            for tp, lowest in dropped.items():
+            # again from where Faust now expects; up to the end of this method nothing else runs on this loop.
+            for tp, lowest in self._dropped_before_seek.items():
                 expected = self._read_offset.get(tp)
                 again_from = expected if expected is not None else lowest  # None: no committed offset yet
                 log.info("%s: records arrived while seeking to the committed offsets; reading again from %d",
                          tp, again_from)  # fmt: skip
                 await self.seek(tp, again_from)
+            self._dropped_before_seek.clear()
+            self._seek_done = set(self.assignment())
 
         async def getmany(self, timeout: float) -> Any:
             async for tp, message in super().getmany(timeout):
