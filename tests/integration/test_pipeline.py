@@ -137,6 +137,8 @@ def test_a_worker_joining_and_one_leaving_mid_stream_loses_and_doubles_nothing(
     settings: Settings, store: Store, start_worker: StartWorker
 ) -> None:
     """Scale out then in under a steady stream: every valid event stored exactly once, every bad one dead-lettered."""
+    # INFO: assignments, table recovery and seeks in the worker logs, to tell a rare failure's cause from its logs
+    settings = settings.model_copy(update={"log_level": "info"})
     n_events = 90_000
     _, valid_ids, malformed, duplicates = expected_outcome(seed=44, n_events=n_events)
     messages = list(pack_messages(generate_world(44, n_events).records(), 50))
