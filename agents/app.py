@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +27,7 @@ from faust.types import TP, EventT
 from mode import CrashingSupervisor
 
 from dealpulse.agents.gc_tuning import collections_deferred
+from dealpulse.agents.lockstep import LockedSteps
 from dealpulse.agents.metrics import IngestMetrics
 from dealpulse.agents.output import Delivered, OutputProducer
 from dealpulse.agents.scoring import HeldStates, ScoringService, make_tables
@@ -407,10 +409,26 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
         # never says it is done, so a stopping worker waited mode's default 60 s for it; a healthy one takes < 1 s
         shutdown_timeout = 5.0
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._fetch_steps = threading.Lock()  # held by this thread during each step of a fetch (see seek)
+
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
             consumer._fetch_max_wait_ms = wait_ms  # read when the consumer starts, right after this
             return consumer
+
+        async def _fetch_records(self, *args: Any, **kwargs: Any) -> Any:
+            return await LockedSteps(super()._fetch_records(*args, **kwargs), self._fetch_steps)
+
+        def seek(self, partition: TP, offset: int) -> None:
+            # Faust seeks from the event loop's thread while this thread drains fetched records. A seek that landed
+            # inside that drain deleted the partition's records under it (KeyError: the worker exited, 2 in 10
+            # join-and-leave runs) or was overwritten by the position of records fetched before it. Taking the lock
+            # puts the seek between two steps of the fetch, where aiokafka expects one. Faust's own seek bookkeeping
+            # is untouched: running the seek on this thread instead changed its timing and lost offsets.
+            with self._fetch_steps:
+                super().seek(partition, offset)
 
     class GaplessConsumer(faust_aiokafka.Consumer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
