@@ -372,14 +372,32 @@ class IngestService:
             m.event_to_stored.observe(max(0.0, now - row[2] / 1000))
 
 
-def held_back(expected: int | None, offset: int, held_before: int | None) -> bool:
-    """Whether a record must not be handed on yet: it lies past the offset Faust expects next (Faust would take the
-    offsets in between for a gap), unless the same record was held back before (then the gap is real).
+def held_back(next_offset: int | None, offset: int, held_before: int | None) -> bool:
+    """Whether a record must not be handed on yet: it lies past ``next_offset``, the offset Faust should see next
+    (Faust would take the offsets in between for a gap, or miss one without noticing), unless the same record was
+    held back before (then the gap is real).
 
-    >>> held_back(10, 11, None), held_back(10, 15, None), held_back(10, 15, 15), held_back(None, 15, None)
+    >>> held_back(10, 10, None), held_back(10, 11, None), held_back(10, 11, 11), held_back(None, 15, None)
     (False, True, False, False)
     """
-    return expected is not None and expected > 0 and offset - expected > 1 and held_before != offset
+    return next_offset is not None and offset > next_offset and held_before != offset
+
+
+def next_offset_expected(read_offset: int | None, just_sought: bool) -> int | None:
+    """The offset Faust should see next in a partition: the one after its read offset, or the read offset itself
+    right after a seek (Faust sets its read offset to where it seeks, meaning "read from here").
+
+    Faust's own gap check misses exactly one record after a seek: sought to 10, the first record 11 passes as if
+    10 had been read (``11 - 10 == 1``) and 10's offset is committed unread.
+
+    >>> next_offset_expected(10, just_sought=False), next_offset_expected(10, just_sought=True)
+    (11, 10)
+    >>> next_offset_expected(None, just_sought=True) is None  # nothing committed yet: anything goes
+    True
+    """
+    if read_offset is None or read_offset <= 0:
+        return None
+    return read_offset if just_sought else read_offset + 1
 
 
 def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka.Transport]:
@@ -437,6 +455,7 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             self._sought_to: dict[TP, int] = {}  # partition -> where it was last sought back to
             self._seek_done: set[TP] = set()  # sought to the committed offset by Faust since the assignment
             self._dropped_before_seek: dict[TP, int] = {}  # partition -> lowest offset not handed on before it
+            self._just_sought: set[TP] = set()  # sought, and nothing handed on since: the read offset is next
 
         def _new_consumer_thread(self) -> ConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -444,6 +463,7 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
         async def on_partitions_revoked(self, revoked: set[TP]) -> None:
             self._seek_done.clear()  # eager rebalancing: every partition is revoked, then assigned afresh
             self._dropped_before_seek.clear()
+            self._just_sought.clear()
             await super().on_partitions_revoked(revoked)
 
         async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
@@ -452,6 +472,7 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             self._sought_to.clear()
             self._seek_done.clear()
             self._dropped_before_seek.clear()
+            self._just_sought.clear()
             await super().on_partitions_assigned(assigned, generation_id)
 
         async def perform_seek(self) -> None:
@@ -468,6 +489,7 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
                 await self.seek(tp, again_from)
             self._dropped_before_seek.clear()
             self._seek_done = set(self.assignment())
+            self._just_sought.update(self._seek_done)  # Faust set their read offsets to the committed offsets
 
         async def getmany(self, timeout: float) -> Any:
             async for tp, message in super().getmany(timeout):
@@ -479,7 +501,8 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
                     continue
                 expected = self._read_offset[tp]  # Faust's last read offset, or where it last sought to
                 offset = message.offset
-                if tp.topic == gapless_topic and held_back(expected, offset, self._held_back.get(tp)):
+                next_offset = next_offset_expected(expected, tp in self._just_sought)
+                if tp.topic == gapless_topic and held_back(next_offset, offset, self._held_back.get(tp)):
                     assert expected is not None
                     self._held_back[tp] = offset
                     if self._sought_to.get(tp) != expected:  # once per position: the rest of that fetch follows
@@ -489,7 +512,13 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
                         await self.seek(tp, expected)  # at worst one record again: the dedup drops it
                     continue
                 self._sought_to.pop(tp, None)
+                if expected is None or offset >= expected:  # Faust drops what lies before its read offset
+                    self._just_sought.discard(tp)
                 yield tp, message
+
+        async def seek(self, partition: TP, offset: int) -> None:
+            await super().seek(partition, offset)
+            self._just_sought.add(partition)
 
     class Transport(faust_aiokafka.Transport):
         Consumer = GaplessConsumer
