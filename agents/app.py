@@ -451,7 +451,7 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
     class GaplessConsumer(faust_aiokafka.Consumer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._held_back: dict[TP, int] = {}  # partition -> the newest record not handed on
+            self._held_back: dict[TP, int] = {}  # partition -> the record that made us read it again
             self._sought_to: dict[TP, int] = {}  # partition -> where it was last sought back to
             self._seek_done: set[TP] = set()  # sought to the committed offset by Faust since the assignment
             self._dropped_before_seek: dict[TP, int] = {}  # partition -> lowest offset not handed on before it
@@ -503,13 +503,19 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
                 offset = message.offset
                 next_offset = next_offset_expected(expected, tp in self._just_sought)
                 if tp.topic == gapless_topic and held_back(next_offset, offset, self._held_back.get(tp)):
-                    assert expected is not None
-                    self._held_back[tp] = offset
-                    if self._sought_to.get(tp) != expected:  # once per position: the rest of that fetch follows
-                        self._sought_to[tp] = expected
-                        log.warning("%s: record at offset %d arrived while offset %d was next; reading again from "
-                                    "%d", tp, offset, expected, expected)  # fmt: skip
-                        await self.seek(tp, expected)  # at worst one record again: the dedup drops it
+                    assert next_offset is not None
+                    if self._sought_to.get(tp) != next_offset:  # once per position: the rest of that fetch follows
+                        self._sought_to[tp] = next_offset
+                        # the first record past the gap, not the last one held: if the partition read again from
+                        # next_offset starts with it, the gap is real (keeping the last one held stalled the
+                        # partition for good then: every record after it was held back)
+                        self._held_back[tp] = offset
+                        # one offset missing is what a transaction's control record leaves: every transaction of a
+                        # transactional source meets this once per partition, so it is no warning
+                        log.log(logging.INFO if offset - next_offset == 1 else logging.WARNING,
+                                "%s: record at offset %d arrived while offset %d was next; reading again from there",
+                                tp, offset, next_offset)  # fmt: skip
+                        await self.seek(tp, next_offset)
                     continue
                 self._sought_to.pop(tp, None)
                 if expected is None or offset >= expected:  # Faust drops what lies before its read offset

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from dealpulse.agents.bench import rebalance_scenario
 from dealpulse.agents.dlq import replay_dead_letters
@@ -152,6 +152,46 @@ def test_a_worker_joining_and_one_leaving_mid_stream_loses_and_doubles_nothing(
     assert accounting(store) == {"events_stored": len(valid_ids), "dlq": malformed, "duplicates_dropped": duplicates}
     assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid_ids), len(valid_ids))]
     assert store.query_rows("SELECT count(), uniqExact(dlq_id) FROM dlq") == [(malformed, malformed)]
+
+
+def produce_in_transactions(settings: Settings, messages: list[tuple[str, bytes, int]], per_transaction: int) -> None:
+    """Each committed transaction ends with a control record: an offset in the partition that no consumer sees."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "transactional.id": f"tx-{time.time_ns()}"})
+    producer.init_transactions(30)
+    for start in range(0, len(messages), per_transaction):
+        producer.begin_transaction()
+        for key, value, _items in messages[start : start + per_transaction]:
+            producer.produce(settings.events_topic, value=value, key=key.encode())
+        producer.commit_transaction(30)
+
+
+def test_a_transactional_source_is_read_to_the_end_across_a_restart(
+    settings: Settings, store: Store, start_worker: StartWorker
+) -> None:
+    """A transactional producer's control records are real gaps in the offsets: none may stall a partition.
+
+    After a clean stop the committed offset is the one after the last record processed, which is the control record
+    of its transaction: the restarted worker's first record lies one past where it sought to. It is held back once,
+    the partition is read again from the committed offset, and the same record comes first again, so it passes.
+    """
+    settings = settings.model_copy(update={"log_level": "info"})
+    messages = list(pack_messages(generate_world(45, 3000).records(), 50))
+    half = len(messages) // 2
+    valid = {orjson.loads(r.value)["event_id"] for r in generate_world(45, 3000).records() if r.kind == "valid"}
+    first = start_worker(settings)
+    produce_in_transactions(settings, messages[:half], per_transaction=5)
+    sent_first = sum(items for _key, _value, items in messages[:half])
+    assert sum(wait_accounted(store, sent_first).values()) == sent_first
+    first.stop()
+
+    restarted = start_worker(settings)
+    produce_in_transactions(settings, messages[half:], per_transaction=5)
+    sent = sum(items for _key, _value, items in messages)
+    counts = wait_accounted(store, sent, timeout=60)
+    assert sum(counts.values()) == sent, f"{sent - sum(counts.values())} items never arrived: a partition stalled"
+    assert store.query_rows("SELECT count(), uniqExact(event_id) FROM events") == [(len(valid), len(valid))]
+    log = restarted.log_path.read_text()
+    assert "was next; reading again from there" in log, "the control records should have been met as gaps"
 
 
 def test_a_worker_behind_favours_throughput_until_it_caught_up(
