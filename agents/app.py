@@ -19,7 +19,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -518,6 +518,10 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
                         await self.seek(tp, next_offset)
                     continue
                 self._sought_to.pop(tp, None)
+                if next_offset is not None and offset - next_offset == 1 and tp.topic == gapless_topic:
+                    # it came first again after reading from next_offset: that offset holds no message, it is
+                    # a transaction's control record, and not a message that never reached this worker
+                    cast(DealpulseApp, self.app).offset_holds_no_record(tp, next_offset)
                 if expected is None or offset >= expected:  # Faust drops what lies before its read offset
                     self._just_sought.discard(tp)
                 yield tp, message
@@ -543,6 +547,11 @@ class DealpulseApp(faust.App):
         self.shutdown_grace_s = shutdown_grace_s
         self.ingest_service: IngestService | None = None  # set by create_app
         super().__init__(*args, **kwargs)
+
+    def offset_holds_no_record(self, tp: TP, offset: int) -> None:
+        """The consumer found that ``offset`` holds no message (a transaction's control record)."""
+        if self.ingest_service is not None:
+            self.ingest_service.dedup.holds_no_record(tp.topic, tp.partition, offset)
 
     def _new_transport(self) -> Any:
         return _consumer_transport(self.fetch_wait_ms, self.gapless_topic)(self.conf.broker_consumer, self)

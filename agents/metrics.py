@@ -50,7 +50,7 @@ class IngestMetrics:
         self.offsets_skipped = Counter(
             "dealpulse_source_offsets_skipped_total",
             "offsets of the events topic that never reached this worker between two it processed: messages lost on "
-            "the way (a transactional producer's commit markers count here too)",
+            "the way (a transactional producer's commit markers are checked and do not count)",
             ["topic", "partition"],
             registry=r,
         )

@@ -85,6 +85,9 @@ class DedupState:
 
     max_ids_per_partition: int = 2_000_000
     partitions: dict[tuple[str, int], PartitionDedup] = field(default_factory=dict)
+    # offsets ahead known to hold no message (control records); kept apart from ``partitions``: the consumer can
+    # find them before the partition's state is loaded
+    no_records: dict[tuple[str, int], set[int]] = field(default_factory=dict)
 
     def load(self, topic: str, partition: int, event_ids: list[str], accounted: set[tuple[int, int]],
              from_offset: int = -1) -> None:  # fmt: skip
@@ -105,20 +108,33 @@ class DedupState:
     def processed(self, topic: str, partition: int, offset: int) -> int:
         """Note a message as processed; returns how many offsets before it were skipped since the previous one.
 
-        Our producers are not transactional, so every offset of the events topic is a message: a skip means
-        messages never reached this worker (with a transactional producer, each commit marker skips one).
+        Every offset of the events topic is a message, except a transactional producer's control records (one per
+        transaction and partition), which the consumer reports through :meth:`holds_no_record`: a skip means
+        messages never reached this worker.
 
         >>> state = DedupState()
         >>> state.load("events", 0, [], set(), from_offset=10)
         >>> [state.processed("events", 0, offset) for offset in (10, 11, 11, 15, 12)]
         [0, 0, 0, 3, 0]
+        >>> state.holds_no_record("events", 0, 16)  # a transaction's commit marker
+        >>> [state.processed("events", 0, offset) for offset in (17, 20)]
+        [0, 2]
         """
         state = self.partitions.get((topic, partition))
         if state is None or offset < state.next_offset:
             return 0
         skipped = offset - state.next_offset if state.next_offset >= 0 else 0
+        empty = self.no_records.get((topic, partition))
+        if empty:  # rare: only with a transactional source
+            if skipped:
+                skipped -= sum(1 for no_record in empty if state.next_offset <= no_record < offset)
+            empty.difference_update([no_record for no_record in empty if no_record <= offset])
         state.next_offset = offset + 1
         return skipped
+
+    def holds_no_record(self, topic: str, partition: int, offset: int) -> None:
+        """Note that ``offset`` holds no message (reading the partition again from it skipped it): not a skip."""
+        self.no_records.setdefault((topic, partition), set()).add(offset)
 
     def add_positions(self, topic: str, partition: int, accounted: set[tuple[int, int]], from_offset: int) -> None:
         """Merge positions stored from ``from_offset`` on (loaded after the consumer moved back to it)."""

@@ -107,3 +107,11 @@ def test_offsets_that_never_arrived_are_counted_but_a_consumer_moved_back_is_not
     state.forget("t", 0)
     state.load("t", 0, [], set(), from_offset=500)  # reassigned: starts from the committed offset afresh
     assert state.processed("t", 0, 500) == 0
+
+
+def test_control_records_found_before_the_partition_is_loaded_are_not_skips() -> None:
+    state = DedupState()
+    state.holds_no_record("events", 0, 12)  # the consumer can find one before the first batch loads the partition
+    state.load("events", 0, [], set(), from_offset=10)
+    assert [state.processed("events", 0, offset) for offset in (10, 11, 13, 15)] == [0, 0, 0, 1]
+    assert state.no_records[("events", 0)] == set(), "passed marks are dropped"
