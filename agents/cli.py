@@ -595,7 +595,8 @@ def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, a
               help="only the latency part, at this rate offered (to compare settings; --events is then unused)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_score_cmd(n_events: int, seed: int, batch_size: int, latency_at: float | None, as_json: bool) -> None:
-    """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run.
+    """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run
+    (the limit measured before and after the worker's run; the ratio uses their mean).
 
     Then the Kafka append -> scores acknowledged latency (p50/p99) at half the measured rate, in steady state:
     20 s of traffic without a pause; what the worker observes before the first 5 s of it are accounted for is
