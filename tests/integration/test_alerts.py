@@ -132,8 +132,9 @@ subscribers:
         first_bad = min(t for t, _, _ in broken.requests)
         assert first_good - first_bad < 2.0, "the healthy subscriber is not held up by the failing one"
 
-        # the store has every alert change, once
-        stored = store.query_rows("SELECT alert_id, status FROM alerts FINAL")
+        # the store has every alert change, once: the alerter stores them at its next checkpoint, after they reached
+        # the topic (and so the notifier and the webhooks), so the store may still be behind here
+        stored = _wait_rows(store, "SELECT alert_id, status FROM alerts FINAL", lambda rows: set(rows) >= expected)
         assert set(stored) == expected and len(stored) == len(expected)
 
         # feedback: a signed verdict becomes a feedback event on the events topic
