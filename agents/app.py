@@ -223,7 +223,9 @@ class IngestService:
         if not any(not stored.done() for stored in self._in_flight):
             self._close_group(group)
 
-    def _writer_finished(self, _stored: asyncio.Future[None]) -> None:
+    def _writer_finished(self, finished: asyncio.Future[None]) -> None:
+        if finished.cancelled() or self.stopping:  # shutting down: drain() or the next owner takes the open group
+            return
         if self._open is not None and self._open.due and all(stored.done() for stored in self._in_flight):
             self._close_group(self._open)
 
