@@ -108,6 +108,7 @@ class FeatureSpec:
             "_prior_terms",
             {e: tuple((i, f.prior, f.scale) for i, f in enumerate(self.of(e)) if f.prior) for e in ENTITIES},
         )
+        object.__setattr__(self, "_model_of", {m.entity: m for m in reversed(self.models.values())})
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -130,7 +131,8 @@ class FeatureSpec:
         return [f.name for f in self.of(entity)]
 
     def model_for(self, entity: str) -> ModelSpec:
-        return next(m for m in self.models.values() if m.entity == entity)
+        """The (first declared) model over ``entity``'s features; KeyError if there is none."""
+        return self._model_of[entity]  # type: ignore[attr-defined,no-any-return]
 
     def vector(self, entity: str, state: dict[str, Any]) -> list[float]:
         """The entity's feature values at its own event time (the newest event it has seen)."""

@@ -165,6 +165,9 @@ def grade_of(score: float, thresholds: Sequence[float]) -> str:
     >>> [grade_of(s, (0.75, 0.5, 0.25)) for s in (0.9, 0.6, 0.3, 0.1)]
     ['A', 'B', 'C', 'D']
     """
+    if len(thresholds) == 3:  # the usual case, unrolled: it runs for every score
+        a, b, c = thresholds
+        return "A" if score >= a else "B" if score >= b else "C" if score >= c else "D"
     for letter, bound in zip("ABC", thresholds, strict=False):
         if score >= bound:
             return letter

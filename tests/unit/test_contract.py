@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,16 @@ import jsonschema
 import orjson
 import pytest
 
-from dealpulse.pipelines.contract import TYPES, ContractRules, Event, Reason, Rejection, json_schema, validate_event
+from dealpulse.pipelines.contract import (
+    TYPES,
+    ContractRules,
+    Event,
+    Reason,
+    Rejection,
+    json_schema,
+    parse_ts,
+    validate_event,
+)
 from dealpulse.pipelines.generator import generate_world
 from dealpulse.pipelines.ingest import decode_message
 
@@ -154,6 +163,27 @@ def test_not_an_object() -> None:
 @pytest.mark.parametrize("ts", ["1999-12-31T23:59:59Z", "2026-11-21T00:00:00Z"])
 def test_timestamp_out_of_range(ts: str) -> None:
     assert rejection(make("feature_use", ts=ts)).reason == Reason.TIMESTAMP_OUT_OF_RANGE
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "2026-11-20T09:15:02.123+08:00",
+        "2026-03-29T01:59:59.999999-05:30",  # a negative offset with minutes; microseconds floor to the millisecond
+        "1969-12-31T23:59:59.9995+00:00",  # before the epoch: floors, too
+        "2026-11-20 09:15:02.123456+14:00",
+        "2026-11-20T09:15:02-00:01",
+        "2026-11-20T09:15:02Z",
+        "2024-02-29T23:59:59.001+23:59",
+    ],
+)
+def test_parse_ts_matches_datetime_arithmetic(ts: str) -> None:
+    moment = datetime.fromisoformat(ts)
+    offset = moment.utcoffset()
+    assert offset is not None
+    expected = ((moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1),
+                int(offset.total_seconds() // 60))  # fmt: skip
+    assert parse_ts(ts) == expected
 
 
 @pytest.mark.parametrize(
