@@ -132,7 +132,7 @@ class FeatureSpec:
 
     def model_for(self, entity: str) -> ModelSpec:
         """The (first declared) model over ``entity``'s features; KeyError if there is none."""
-        return self._model_of[entity]  # type: ignore[attr-defined,no-any-return]
+        return self._model_of[entity]  # type: ignore[attr-defined]
 
     def vector(self, entity: str, state: dict[str, Any]) -> list[float]:
         """The entity's feature values at its own event time (the newest event it has seen)."""
