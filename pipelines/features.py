@@ -97,12 +97,16 @@ class FeatureSpec:
                 index.setdefault((feature.entity, event_type), []).append(feature)
         object.__setattr__(self, "_by_type", {key: tuple(value) for key, value in index.items()})
         object.__setattr__(self, "_by_entity", {e: tuple(f for f in self.features if f.entity == e) for e in ENTITIES})
-        # hot path: each feature with its value before it has seen anything; the prior's non-zero terms
-        object.__setattr__(
-            self,
-            "_plan",
-            {e: tuple((f.key, feature_value(f, None, 0), evaluator(f)) for f in self.of(e)) for e in ENTITIES},
-        )
+        # hot path: each feature with its value before it has seen anything (and that in a snapshot); the prior's
+        # non-zero terms
+        plan = {}
+        for entity in ENTITIES:
+            empties = [feature_value(f, None, 0) for f in self.of(entity)]
+            plan[entity] = tuple(
+                (f.key, empty, snapshot_value(empty), evaluator(f))
+                for f, empty in zip(self.of(entity), empties, strict=True)
+            )
+        object.__setattr__(self, "_plan", plan)
         object.__setattr__(
             self,
             "_prior_terms",
@@ -136,13 +140,26 @@ class FeatureSpec:
 
     def vector(self, entity: str, state: dict[str, Any]) -> list[float]:
         """The entity's feature values at its own event time (the newest event it has seen)."""
+        return self.vector_and_snapshot(entity, state)[0]
+
+    def vector_and_snapshot(self, entity: str, state: dict[str, Any]) -> tuple[list[float], list[float]]:
+        """:meth:`vector`, and the same values as a snapshot keeps them (see :func:`snapshot_value`), in one pass:
+        a feature that has seen nothing costs neither an evaluation nor a rounding (most features of most
+        entities, and this runs for every score)."""
         now = state["t"]
         values = state["s"]
-        vector = []
-        for key, empty, value_of in self._plan[entity]:  # type: ignore[attr-defined]
+        vector: list[float] = []
+        snapshot: list[float] = []
+        for key, empty, empty_in_snapshot, value_of in self._plan[entity]:  # type: ignore[attr-defined]
             current = values.get(key)
-            vector.append(empty if current is None else value_of(current, now))
-        return vector
+            if current is None:
+                vector.append(empty)
+                snapshot.append(empty_in_snapshot)
+            else:
+                value = value_of(current, now)
+                vector.append(value)
+                snapshot.append(int(value) if value.is_integer() else round(value, 4))  # snapshot_value, inlined
+        return vector, snapshot
 
     def prior(self, entity: str, vector: Sequence[float]) -> float:
         """The documented cold-start score: sigmoid(bias + sum(prior * v / (|v| + scale)))."""
@@ -204,9 +221,12 @@ def update_state(
 
 def baseline(state: dict[str, Any]) -> float:
     """The naive recency/frequency score evaluation compares with: events in the last 7 days, squashed."""
-    today = state["t"] // DAY_MS
-    recent = sum(count for day, count in state["a"] if day > today - 7)
-    return float(recent / (recent + 5.0))
+    since = state["t"] // DAY_MS - 7
+    recent = 0.0
+    for day, count in state["a"]:  # a plain loop beats sum() over a generator (runs for every score)
+        if day > since:
+            recent += count
+    return recent / (recent + 5.0)
 
 
 def _number(value: Any) -> float | None:
@@ -279,6 +299,16 @@ def _fold(feature: Feature, current: Any, ts_ms: int, props: dict[str, Any], now
     else:
         items.pop(key, None)
     return items
+
+
+def snapshot_value(value: float) -> float:
+    """A feature value as a state's snapshot keeps it: whole numbers as integers, the rest to 4 decimals (states
+    stay small in JSON).
+
+    >>> [snapshot_value(v) for v in (3.0, 0.123456, -2.5, math.inf)]
+    [3, 0.1235, -2.5, inf]
+    """
+    return int(value) if value.is_integer() else round(value, 4)
 
 
 def evaluator(feature: Feature) -> Callable[[Any, int], float]:

@@ -238,7 +238,7 @@ class Scorer:
         states.changed(entity, key)
         if not changed:
             return
-        vector = self.spec.vector(entity, state)
+        vector, compact = self.spec.vector_and_snapshot(entity, state)
         predictor = models.get(model)
         if predictor is not None:
             score, version = predictor.predict(vector), predictor.version
@@ -261,8 +261,7 @@ class Scorer:
                 version == 0,
             )
         )
-        snapshot = [event.ts_ms, event.event_id, version, round(score, 4), round(baseline(state), 4),
-                    [int(v) if v.is_integer() else round(v, 4) for v in vector]]  # fmt: skip
+        snapshot = [event.ts_ms, event.event_id, version, round(score, 4), round(baseline(state), 4), compact]
         snapshots: list[list[Any]] = state.setdefault("x", [])
         if snapshots and event.ts_ms - snapshots[-1][0] < self.snapshot_spacing_ms:
             snapshots[-1] = snapshot

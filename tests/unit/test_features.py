@@ -7,7 +7,15 @@ import pytest
 
 from dealpulse.pipelines.config_errors import ConfigError
 from dealpulse.pipelines.contract import ContractRules, Event, validate_event
-from dealpulse.pipelines.features import DAY_MS, FeatureSpec, evaluator, feature_value, new_state, update_state
+from dealpulse.pipelines.features import (
+    DAY_MS,
+    FeatureSpec,
+    evaluator,
+    feature_value,
+    new_state,
+    snapshot_value,
+    update_state,
+)
 from dealpulse.pipelines.generator import generate_world
 
 MODELS = "models: {intent: {entity: lead}, churn: {entity: account}}\n"
@@ -155,3 +163,26 @@ def test_specialised_evaluators_agree_with_feature_value_on_the_generators_world
                     assert evaluator(feature)(current, now) == feature_value(feature, current, now), feature.name
                     compared += 1
     assert compared > 1000
+
+
+def test_snapshot_is_the_vector_compacted_on_the_generators_world() -> None:
+    """The one-pass snapshot equals the vector, value by value, as a snapshot keeps it (empty features included)."""
+    spec = FeatureSpec.default()
+    rules = ContractRules.default()
+    states: dict[tuple[str, str], dict[str, object]] = {}
+    compared = fractional = 0
+    for record in generate_world(5, 3000).records():
+        event = validate_event(orjson.loads(record.value), rules, 2**62) if record.kind == "valid" else None
+        if not isinstance(event, Event):
+            continue
+        for entity, key in (("lead", event.lead_id), ("account", event.account_id)):
+            if key:
+                state = states.setdefault((entity, key), new_state())
+                update_state(spec, entity, state, event.type, event.ts_ms, event.props, event.keywords)
+                vector, snapshot = spec.vector_and_snapshot(entity, state)
+                assert vector == spec.vector(entity, state)
+                assert snapshot == [snapshot_value(v) for v in vector]
+                assert [type(v) for v in snapshot] == [type(snapshot_value(v)) for v in vector]  # 3, not 3.0
+                compared += 1
+                fractional += sum(isinstance(v, float) and v != round(v) for v in snapshot)
+    assert compared > 1000 and fractional > 100
