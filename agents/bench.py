@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,14 +56,26 @@ def raw_consume_rate(settings: Settings, expected_messages: int, timeout: float 
 
 
 def bench_ingest(
-    workdir: Path, n_events: int, seed: int, batch_size: int, metrics: bool = True, timeout: float = 900
+    workdir: Path,
+    n_events: int,
+    seed: int,
+    batch_size: int,
+    metrics: bool = True,
+    timeout: float = 900,
+    framework_free_sample: list[tuple[str, bytes, int]] | None = None,
 ) -> dict[str, Any]:
+    """Ingest (and score) a generated world on one worker; with ``framework_free_sample``, also measure the
+    framework-free loop on those messages while the worker runs (:class:`FrameworkFreeSampler`)."""
     world = generate_world(seed, n_events)
     messages = list(pack_messages(world.records(), batch_size))
-    with EmbeddedStack(workdir) as stack:
+    with EmbeddedStack(workdir) as stack, ExitStack() as sampling:
         settings = stack.settings
         sent_messages, sent = produce(settings, messages)
         raw_rate, raw_items = raw_consume_rate(settings, sent_messages)
+        free: tuple[WindowProbe, WindowProbe] | None = None
+        if framework_free_sample:
+            sampler = sampling.enter_context(FrameworkFreeSampler(framework_free_sample, workdir))
+            free = WindowProbe(sampler.events), WindowProbe(sampler.cpu_seconds)
         worker_started = time.monotonic()
         worker = stack.start_worker(metrics_enabled=metrics)
         # the share of the window the worker's processing stood still waiting for the store (metrics on only)
@@ -77,7 +90,7 @@ def bench_ingest(
             WindowProbe(partial(worker_metric, worker, f'dealpulse_store_insert_{name}{{table="events"}}'))
             for name in ("rows_total", "seconds_count")
         )
-        probes = [*cpu.values(), *([store_wait, stored_rows, inserts] if metrics else [])]
+        probes = [*cpu.values(), *([store_wait, stored_rows, inserts] if metrics else []), *(free or ())]
         samples = accounting_samples(stack, sent, timeout, probes)
         rate, elapsed = steady_rate(samples, sent)
         counts = stack.accounting()
@@ -103,6 +116,7 @@ def bench_ingest(
         "store_wait_share": store_wait.share() if metrics else None,
         "store_group_events": round(group) if group is not None else None,
         "cpu_cores": {name: probe.share() for name, probe in cpu.items()},
+        **({"framework_free_events_per_s_during": rate_from(*free)} if free else {}),
     }
 
 
@@ -496,34 +510,136 @@ EVENT_COPY_COLUMNS = (
 )
 
 
-def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[float, int]:
-    """The per-event work of the worker (decode, validate, dedup, features, both models' prior) in a plain loop,
-    under the worker's garbage-collector settings."""
-    from dealpulse.pipelines.contract import ContractRules
-    from dealpulse.pipelines.features import FeatureSpec
-    from dealpulse.pipelines.ingest import Batch, DedupState, SourceRef, process_message
-    from dealpulse.pipelines.scoring import EntityStates, Output, Scorer
+class FrameworkFreeLoop:
+    """The per-event work of the worker (decode, validate, dedup, features, both models' prior) in a plain loop:
+    no Kafka, no Faust, no store. Run it under :func:`worker_gc`, as the worker runs."""
 
-    spec = FeatureSpec.default()
-    scorer = Scorer.from_settings(spec, Settings())  # as a worker with the default settings runs it
-    rules = ContractRules.default()
-    dedup = DedupState()
-    states = EntityStates(lambda entity, key: None, spec.fingerprint)
-    now_ms = int(time.time() * 1000)
-    with worker_gc():  # the worker's collector settings: both sides of the ratio collect alike
-        started = time.perf_counter()
+    def __init__(self) -> None:
+        from dealpulse.pipelines.contract import ContractRules
+        from dealpulse.pipelines.features import FeatureSpec
+        from dealpulse.pipelines.ingest import DedupState
+        from dealpulse.pipelines.scoring import EntityStates, Scorer
+
+        spec = FeatureSpec.default()
+        self.scorer = Scorer.from_settings(spec, Settings())  # as a worker with the default settings runs it
+        self.rules = ContractRules.default()
+        self.dedup = DedupState()
+        self.states = EntityStates(lambda entity, key: None, spec.fingerprint)
+        self.offset = 0
+        self.now_ms = int(time.time() * 1000)
+
+    def run(self, messages: Sequence[tuple[str, bytes, int]]) -> int:
+        """Process ``messages`` (as the next offsets of one partition); returns the items they held."""
+        from dealpulse.pipelines.ingest import Batch, SourceRef, process_message
+        from dealpulse.pipelines.scoring import Output
+
+        scorer, rules, dedup, states, now_ms = self.scorer, self.rules, self.dedup, self.states, self.now_ms
         events = 0
-        for offset, (_key, value, _items) in enumerate(messages):
+        for _key, value, _items in messages:
             with collections_deferred():  # as the worker defers them per batch
                 batch = Batch()
-                process_message(value, SourceRef("bench", 0, offset), rules, dedup, batch, now_ms)
+                process_message(value, SourceRef("bench", 0, self.offset), rules, dedup, batch, now_ms)
                 out = Output()
                 for event in batch.valid:
                     scorer.process_into(event, states, {}, out)
                 events += len(batch)
+                self.offset += 1
                 del batch, out
+        return events
+
+
+def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[float, int]:
+    """Events per second of :class:`FrameworkFreeLoop` over ``messages``, under the worker's garbage-collector
+    settings."""
+    loop = FrameworkFreeLoop()
+    with worker_gc():  # the worker's collector settings: both sides of the ratio collect alike
+        started = time.perf_counter()
+        events = loop.run(messages)
         elapsed = time.perf_counter() - started
     return events / elapsed, events
+
+
+SAMPLER_EVENTS = 400_000  # messages enough for ~10 min of bursts
+SAMPLER_BURST_MESSAGES = 20  # ~900 events, ~20 ms ...
+SAMPLER_PAUSE_S = 0.5  # ... then a pause: ~4 % of a core, mostly the share the worker leaves idle on two cores
+
+
+def _sample_framework_free(sample_file: str, events: Any, cpu_seconds: Any, stop: Any) -> None:
+    """The sampler process: bursts of the framework-free loop with pauses, adding each burst's events and CPU time
+    (this thread's only: time waiting for a core is not counted) to the shared counters."""
+    import pickle
+
+    messages = pickle.loads(Path(sample_file).read_bytes())
+    with worker_gc():
+        loop = FrameworkFreeLoop()
+        loop.run(messages[:SAMPLER_BURST_MESSAGES])  # warm-up, not counted
+        at = SAMPLER_BURST_MESSAGES
+        while not stop.wait(SAMPLER_PAUSE_S):
+            if at + SAMPLER_BURST_MESSAGES > len(messages):  # used up: start again with fresh state (no duplicates)
+                loop, at = FrameworkFreeLoop(), 0
+            started = time.thread_time()
+            done = loop.run(messages[at : at + SAMPLER_BURST_MESSAGES])
+            used = time.thread_time() - started
+            at += SAMPLER_BURST_MESSAGES
+            with events.get_lock(), cpu_seconds.get_lock():
+                events.value += done
+                cpu_seconds.value += used
+
+
+class FrameworkFreeSampler:
+    """The framework-free loop measured *while* the worker runs, in a process of its own.
+
+    The loop's speed before and after a worker's run can differ by 20 % on a shared machine (the cores' speed
+    drifts within minutes). Short bursts with pauses, spread over the worker's run, measure it at the same time
+    and under the same contention; each burst counts its own CPU time, so the rate is the loop's compute limit at
+    that moment. Read the counters with :class:`WindowProbe`: ``events`` and ``cpu_seconds``.
+    """
+
+    def __init__(self, messages: list[tuple[str, bytes, int]], workdir: Path) -> None:
+        import multiprocessing
+        import pickle
+
+        context = multiprocessing.get_context("spawn")  # the bench process runs librdkafka threads: no fork
+        self._file = workdir / "framework-free-sample.pickle"
+        self._file.write_bytes(pickle.dumps(messages))
+        self._events = context.Value("q", 0)
+        self._cpu = context.Value("d", 0.0)
+        self._stop = context.Event()
+        self._process = context.Process(
+            target=_sample_framework_free,
+            args=(str(self._file), self._events, self._cpu, self._stop),
+            name="framework-free-sampler",
+            daemon=True,
+        )
+
+    def events(self) -> float:
+        return float(self._events.value)
+
+    def cpu_seconds(self) -> float:
+        return float(self._cpu.value)
+
+    def __enter__(self) -> FrameworkFreeSampler:
+        self._process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+        self._file.unlink(missing_ok=True)
+
+
+def rate_from(events: WindowProbe, cpu_seconds: WindowProbe) -> float | None:
+    """Events per CPU second in the window, from two probes of cumulative counters; None without readings.
+
+    >>> events, cpu = WindowProbe(lambda: 0.0), WindowProbe(lambda: 0.0)
+    >>> events.readings, cpu.readings = {0.2: (1.0, 100.0), 0.8: (9.0, 4100.0)}, {0.2: (1.0, 0.5), 0.8: (9.0, 0.6)}
+    >>> rate_from(events, cpu)
+    40000.0
+    """
+    done, used = events.growth(), cpu_seconds.growth()
+    return round(done / used, 1) if done and used else None
 
 
 def histogram_quantile(text: str, name: str, q: float) -> float | None:
@@ -704,12 +820,16 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
     free_before, _ = framework_free_score_rate(messages)
     for part in ("throughput", "latency"):
         (workdir / part).mkdir(parents=True, exist_ok=True)
-    full = bench_ingest(workdir / "throughput", n_events, seed, batch_size, metrics=True)
+    full = bench_ingest(
+        workdir / "throughput", n_events, seed, batch_size, metrics=True,
+        framework_free_sample=spread_sample(messages, SAMPLER_EVENTS),
+    )  # fmt: skip
     # Measured again once the worker is done: on a shared machine the speed of the cores drifts within minutes
     # (the loop read 29-41k events/s in runs an hour apart), and the mean of both sides of the worker's run is
     # the better estimate of the speed it ran at. Both are reported, so a drift shows.
     free_after, _ = framework_free_score_rate(messages)
     free_rate = (free_before + free_after) / 2
+    during = full["framework_free_events_per_s_during"]
     rate = full["events_per_s"]
     if not math.isfinite(rate):  # the latency half needs a rate to offer half of
         raise TooShortToMeasure(full)
@@ -724,6 +844,8 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
         "framework_free_events_per_s_before": round(free_before, 1),
         "framework_free_events_per_s_after": round(free_after, 1),
         "ratio_to_framework_free": round(rate / free_rate, 3) if free_rate else None,
+        "framework_free_events_per_s_during": during,
+        "ratio_to_framework_free_during": round(rate / during, 3) if during else None,
         "accounted": full["accounted"],
         "unstored_share": full["unstored_share"],
         "steady_state": full["steady_state"],

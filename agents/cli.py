@@ -598,7 +598,9 @@ def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, a
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_score_cmd(n_events: int, seed: int, batch_size: int, latency_at: float | None, as_json: bool) -> None:
     """Full-path throughput (ingest + state + both models + store) and the framework-free limit, same run
-    (the limit measured before and after the worker's run; the ratio uses their mean).
+    (the limit measured before and after the worker's run; the ratio uses their mean). The limit is also measured
+    during the worker's run, in short bursts in a process of their own (`_during`): on a shared machine the
+    cores' speed drifts within minutes.
 
     Then the Kafka append -> scores acknowledged latency (p50/p99) at half the measured rate, in steady state:
     20 s of traffic without a pause; what the worker observes before the first 5 s of it are accounted for is

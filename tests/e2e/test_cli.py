@@ -91,6 +91,9 @@ def test_bench_score_reports_every_figure_it_documents_and_warns_when_too_short(
     # the framework-free loop runs before and after the worker; the ratio uses their mean
     before, after = report["framework_free_events_per_s_before"], report["framework_free_events_per_s_after"]
     assert before > 0 and after > 0 and abs(report["framework_free_events_per_s"] - (before + after) / 2) <= 0.1
+    # ... and in bursts during the worker's measuring window, with a ratio of its own
+    during = report["framework_free_events_per_s_during"]
+    assert during > 0 and report["ratio_to_framework_free_during"] == round(report["events_per_s"] / during, 3)
     assert 0 <= report["store_wait_share"] <= 1
     # the unstored share is three store groups of the mean size measured in the window, as a share of the run
     group = report["store_group_events"]
