@@ -559,7 +559,7 @@ def framework_free_score_rate(messages: list[tuple[str, bytes, int]]) -> tuple[f
     return events / elapsed, events
 
 
-SAMPLER_EVENTS = 400_000  # messages enough for ~10 min of bursts
+SAMPLER_EVENTS = 400_000  # messages enough for ~4 min of bursts (then it starts again)
 SAMPLER_BURST_MESSAGES = 20  # ~900 events, ~20 ms ...
 SAMPLER_PAUSE_S = 0.5  # ... then a pause: ~4 % of a core, mostly the share the worker leaves idle on two cores
 
