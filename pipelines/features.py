@@ -312,16 +312,30 @@ def snapshot_value(value: float) -> float:
 
 
 def evaluator(feature: Feature) -> Callable[[Any, int], float]:
-    """``feature_value`` for one feature, specialised where it pays: windowed counts and sums (most features,
-    and a vector evaluates every feature of its entity at every score).
+    """``feature_value`` for one feature, specialised where it pays: windowed counts and sums (most features),
+    days since, all-time totals. A vector evaluates every feature its entity has seen at every score.
 
     >>> f = Feature("views", "lead", "count", 0, frozenset({"page_view"}), "0", window_ms=3 * DAY_MS)
     >>> evaluator(f)([[19, 2.0], [20, 1.0]], 20 * DAY_MS) == feature_value(f, [[19, 2.0], [20, 1.0]], 20 * DAY_MS)
     True
     """
-    if feature.kind not in ("count", "sum") or not feature.window_ms:
+    cap = feature.cap
+    if feature.kind == "days_since":  # every lead and account has one
+
+        def days_since(current: int, now_ms: int) -> float:
+            value = (now_ms - current) / DAY_MS
+            return 0.0 if value < 0.0 else value if value < cap else float(cap)
+
+        return days_since
+    if feature.kind in ("count", "sum", "max") and not feature.window_ms:  # all-time: the state is the value
+
+        def total(current: float, now_ms: int) -> float:
+            return float(current if current < cap else cap)
+
+        return total
+    if feature.kind not in ("count", "sum"):
         return functools.partial(feature_value, feature)
-    bucket_ms, span, cap = feature.bucket_ms, feature.window_ms // feature.bucket_ms, feature.cap
+    bucket_ms, span = feature.bucket_ms, feature.window_ms // feature.bucket_ms
 
     def windowed_total(current: list[list[float]], now_ms: int) -> float:
         newest = now_ms // bucket_ms

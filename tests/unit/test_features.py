@@ -26,6 +26,7 @@ def spec_of(features: str, models: str = MODELS) -> FeatureSpec:
 
 
 ACCOUNT_ONLY = "models: {churn: {entity: account}}\n"
+LEAD_ONLY = "models: {intent: {entity: lead}}\n"
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,8 @@ def test_specialised_evaluators_agree_with_feature_value_on_the_generators_world
             for feature in spec.of(entity):
                 current = state["s"].get(feature.key)  # type: ignore[attr-defined]
                 if current is not None:
-                    now = state["t"] + DAY_MS * (compared % 5)  # also later than the newest event
+                    # also later than the newest event, and far enough for every cap (90 days since, a year until)
+                    now = state["t"] + DAY_MS * (0, 1, 4, 100, 400)[compared % 5]
                     assert evaluator(feature)(current, now) == feature_value(feature, current, now), feature.name
                     compared += 1
     assert compared > 1000
@@ -186,3 +188,13 @@ def test_snapshot_is_the_vector_compacted_on_the_generators_world() -> None:
                 compared += 1
                 fractional += sum(isinstance(v, float) and v != round(v) for v in snapshot)
     assert compared > 1000 and fractional > 100
+
+
+@pytest.mark.parametrize("kind", ["count", "sum", "max"])
+def test_all_time_totals_are_capped_like_feature_value(kind: str) -> None:
+    prop = "" if kind == "count" else ", prop: amount"
+    spec = spec_of(f"  - {{name: x, entity: lead, kind: {kind}, cap: 2{prop}, match: {{type: quote}}}}\n", LEAD_ONLY)
+    (feature,) = spec.of("lead")
+    for total in (0.0, 1.0, 2.0, 2.5, 40.0):
+        assert evaluator(feature)(total, 0) == feature_value(feature, total, 0)
+    assert evaluator(feature)(40.0, 0) == 2.0
