@@ -68,6 +68,9 @@ class SourceRef:
     offset: int
 
 
+DEDUP_WINDOW_IDS = 2_000_000  # event ids a worker remembers per partition (``dealpulse bench dedup`` times the cap)
+
+
 @dataclass(slots=True)
 class PartitionDedup:
     """Dedup state of one partition: recently stored event ids and the positions already in the store."""
@@ -87,7 +90,7 @@ class PartitionDedup:
 class DedupState:
     """Per-partition dedup state of one worker, reloaded from the store when it (re)gains a partition."""
 
-    max_ids_per_partition: int = 2_000_000
+    max_ids_per_partition: int = DEDUP_WINDOW_IDS
     partitions: dict[tuple[str, int], PartitionDedup] = field(default_factory=dict)
     # offsets ahead known to hold no message (control records); kept apart from ``partitions``: the consumer can
     # find them before the partition's state is loaded
