@@ -34,7 +34,7 @@ from faust import streams as faust_streams
 from faust.types import TP, EventT, TableT
 
 from dealpulse.agents.metrics import IngestMetrics
-from dealpulse.agents.output import Delivered, OutputProducer
+from dealpulse.agents.output import Delivered, DeliveryTally, OutputProducer
 from dealpulse.models.online import ModelSnapshot, load_snapshot
 from dealpulse.pipelines.features import FeatureSpec, load_features
 from dealpulse.pipelines.ingest import Batch
@@ -151,7 +151,6 @@ class ScoringService:
     follower: SnapshotFollower = field(init=False)
     # (entity, key) -> (batch sequence number, serialised state) of states scored but not yet in the tables
     pending: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)
-    changelog_sent: list[asyncio.Future[Delivered]] = field(default_factory=list)  # deliveries not yet awaited
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -274,7 +273,6 @@ class ScoringService:
         for table in self.tables.values():
             if isinstance(table, StateTable):
                 table.output = output
-                table.sent = self.changelog_sent
 
     async def commit_states(self, parts: Sequence[tuple[int, Sequence[EventT], HeldStates]]) -> int:
         """Write the states of these batches ((seq, messages, states), in order) to their tables, each in the
@@ -291,6 +289,7 @@ class ScoringService:
                     states[(entity, key)] = (seq, raw)
         written = 0
         pending = self.pending
+        tally = self._count_changelog_deliveries()
         for partition, states in newest.items():
             items = list(states.items())
             for start in range(0, len(items), STATES_PER_SLICE):
@@ -302,7 +301,7 @@ class ScoringService:
                             del pending[(entity, key)]
                 written += len(items[start : start + STATES_PER_SLICE])
                 await asyncio.sleep(0)  # let the next batch be scored meanwhile: scores wait for no store
-        await self._changelog_delivered()
+        await self._changelog_delivered(tally)
         if self.settings.changelog_end_markers and written:
             # Tansu reports a high watermark of (base offset of the last batch + 1), and Faust recovers a table up
             # to the high watermark. A marker alone in the last batch of each changelog partition makes that
@@ -311,13 +310,27 @@ class ScoringService:
                 with in_partition_of(event):
                     for table in self.tables.values():
                         table[END_MARKER] = b""
-            await self._changelog_delivered()
+            await self._changelog_delivered(tally)
         return written
 
-    async def _changelog_delivered(self) -> None:
-        sent, self.changelog_sent[:] = list(self.changelog_sent), []
-        if sent:
-            await asyncio.gather(*sent)
+    def _count_changelog_deliveries(self) -> DeliveryTally | None:
+        """A new tally for the tables' changelog records (None until an output producer is attached)."""
+        tally = None
+        for table in self.tables.values():
+            if isinstance(table, StateTable) and table.output is not None:
+                tally = tally or DeliveryTally(table.output.loop)
+                table.tally = tally
+        return tally
+
+    async def _changelog_delivered(self, tally: DeliveryTally | None) -> None:
+        """Wait until the changelog records sent so far are in Kafka, then note how far each changelog partition
+        is persisted (what Faust's own send callback does per record: RocksDB remembers it for recovery)."""
+        if tally is None:
+            return
+        offsets = await tally.wait()
+        for table in self.tables.values():
+            if isinstance(table, StateTable):
+                table.persisted(offsets)
 
 
 class StateTable(faust.Table):
@@ -326,7 +339,7 @@ class StateTable(faust.Table):
     event-loop work at every store group — the scoring latency tail. Until then, Faust sends them itself."""
 
     output: OutputProducer | None = None
-    sent: list[asyncio.Future[Delivered]]
+    tally: DeliveryTally | None = None  # counts this commit's changelog records (see ScoringService.commit_states)
 
     def on_key_set(self, key: Any, value: Any) -> None:
         output = self.output
@@ -335,18 +348,18 @@ class StateTable(faust.Table):
             return
         partition = self.partition_for_key(key)  # the partition of the event being processed
         assert partition is not None, "table writes happen inside in_partition_of(event)"
-        topic = self.changelog_topic.get_topic_name()
-        delivery = output.send(topic, value, key=key, partition=partition)
-        tp = TP(topic, partition)
-        delivery.add_done_callback(lambda done: self._persisted(tp, done))
-        self.sent.append(delivery)
+        assert self.tally is not None, "table writes happen inside ScoringService.commit_states"
+        output.send_counted(self.changelog_topic.get_topic_name(), value, self.tally, key=key, partition=partition)
         self._maybe_set_key_ttl(key, partition)
         self._sensor_on_set(self, key, value)
 
-    def _persisted(self, tp: TP, done: asyncio.Future[Delivered]) -> None:
-        # what Faust's own callback does: RocksDB remembers how far its changelog is already applied
-        if not done.cancelled() and done.exception() is None:
-            self.data.set_persisted_offset(tp, done.result().offset)
+    def persisted(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Note the highest acknowledged offset of each of this table's changelog partitions (RocksDB remembers
+        how far its changelog is applied; Faust's own send callback does this per record)."""
+        topic = self.changelog_topic.get_topic_name()
+        for (to, partition), offset in offsets.items():
+            if to == topic:
+                self.data.set_persisted_offset(TP(topic, partition), offset)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
