@@ -567,6 +567,20 @@ def _events_needed(result: dict[str, Any]) -> int:
     return int(result["events"] * result["unstored_share"] / STEADY_STATE_MAX_UNSTORED_SHARE) + 1
 
 
+def _print_bench(result: dict[str, Any], as_json: bool) -> None:
+    """One JSON object, or one figure per line."""
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+        return
+    width = max(map(len, result), default=0)
+    for key, value in result.items():
+        click.echo(f"{key:>{width}}  {value}")
+
+
+def _say_step(text: str) -> None:
+    click.echo(f"… {text}", err=True)
+
+
 @bench.command("ingest")
 @click.option("--events", "n_events", type=click.IntRange(1), default=2_000_000, show_default=True,
               help=BENCH_EVENTS_HELP)  # fmt: skip
@@ -582,11 +596,7 @@ def bench_ingest_cmd(n_events: int, seed: int, batch_size: int, metrics: bool, a
     with temporary_workdir() as wd:
         result = bench_ingest(wd, n_events, seed, batch_size, metrics)
     _warn_if_not_steady(result)
-    if as_json:
-        click.echo(orjson.dumps(result).decode())
-    else:
-        for key, value in result.items():
-            click.echo(f"{key:>20}  {value}")
+    _print_bench(result, as_json)
 
 
 @bench.command("score")
@@ -619,11 +629,7 @@ def bench_score_cmd(n_events: int, seed: int, batch_size: int, latency_at: float
         except TooShortToMeasure as exc:
             raise click.ClickException(f"{exc}; use --events {_events_needed(exc.result):,} or more") from exc
     _warn_if_not_steady(result)
-    if as_json:
-        click.echo(orjson.dumps(result).decode())
-    else:
-        for key, value in result.items():
-            click.echo(f"{key:>28}  {value}")
+    _print_bench(result, as_json)
 
 
 @bench.command("alerts")
@@ -653,11 +659,7 @@ def bench_alerts_cmd(n_events: int, seed: int, as_json: bool, live: bool, batch_
     if live:
         with temporary_workdir() as wd:
             result.update(bench_alerts_live(wd, n_events, seed, batch_size))
-    if as_json:
-        click.echo(orjson.dumps(result).decode())
-    else:
-        for key, value in result.items():
-            click.echo(f"{key:>32}  {value}")
+    _print_bench(result, as_json)
 
 
 @bench.command("scale")
@@ -677,13 +679,9 @@ def bench_scale_cmd(n_events: int, seed: int, batch_size: int, partitions: int, 
 
     with temporary_workdir() as wd:
         result = bench_scale(wd, n_events, seed, batch_size, partitions, rebalance_events, rebalance_rate,
-                             on_step=lambda text: click.echo(f"… {text}", err=True))  # fmt: skip
+                             on_step=_say_step)  # fmt: skip
     _warn_if_not_steady(result)
-    if as_json:
-        click.echo(orjson.dumps(result).decode())
-    else:
-        for key, value in result.items():
-            click.echo(f"{key:>24}  {value}")
+    _print_bench(result, as_json)
 
 
 @bench.command("query")
@@ -698,12 +696,8 @@ def bench_query_cmd(n_events: int, seed: int, chunk_events: int, as_json: bool) 
     from dealpulse.agents.embedded import temporary_workdir
 
     with temporary_workdir() as wd:
-        result = bench_query(wd, n_events, seed, chunk_events, on_step=lambda text: click.echo(f"… {text}", err=True))
-    if as_json:
-        click.echo(orjson.dumps(result).decode())
-    else:
-        for key, value in result.items():
-            click.echo(f"{key:>24}  {value}")
+        result = bench_query(wd, n_events, seed, chunk_events, on_step=_say_step)
+    _print_bench(result, as_json)
 
 
 @bench.command("dedup")
@@ -722,12 +716,8 @@ def bench_dedup_cmd(n_events: int, seed: int, batch_size: int, cap: int, as_json
     """
     from dealpulse.agents.bench_dedup import bench_dedup
 
-    result = bench_dedup(n_events, seed, batch_size, cap, on_step=lambda text: click.echo(f"… {text}", err=True))
-    if as_json:
-        click.echo(orjson.dumps(result).decode())
-    else:
-        for key, value in result.items():
-            click.echo(f"{key:>30}  {value}")
+    result = bench_dedup(n_events, seed, batch_size, cap, on_step=_say_step)
+    _print_bench(result, as_json)
 
 
 # --- alerts ---------------------------------------------------------------------------------------------------
