@@ -466,7 +466,16 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             return consumer
 
         async def _fetch_records(self, *args: Any, **kwargs: Any) -> Any:
-            return await LockedSteps(super()._fetch_records(*args, **kwargs), self._fetch_steps)
+            fetched: dict[Any, list[Any]] = await LockedSteps(
+                super()._fetch_records(*args, **kwargs), self._fetch_steps
+            )
+            if fetched:
+                now = time.time()
+                newest = [
+                    records[-1].timestamp for tp, records in fetched.items() if tp.topic == gapless_topic and records
+                ]
+                cast(DealpulseApp, self.consumer.app).records_fetched([now - ms / 1000 for ms in newest])
+            return fetched
 
         def seek(self, partition: TP, offset: int) -> None:
             # Faust seeks from the event loop's thread while this thread drains fetched records. A seek that landed
@@ -576,6 +585,14 @@ class DealpulseApp(faust.App):
         self.shutdown_grace_s = shutdown_grace_s
         self.ingest_service: IngestService | None = None  # set by create_app
         super().__init__(*args, **kwargs)
+
+    def records_fetched(self, ages_s: Sequence[float]) -> None:
+        """On the consumer thread: the newest record of each partition in a fetch it hands over, and how long ago
+        Kafka appended it (the first stage of ``kafka_to_batch``)."""
+        service = self.ingest_service
+        if service is not None and service.settings.metrics_enabled:
+            for age in ages_s:
+                service.metrics.kafka_to_fetched.observe(max(0.0, age))
 
     def offset_holds_no_record(self, tp: TP, offset: int) -> None:
         """The consumer found that ``offset`` holds no message (a transaction's control record)."""

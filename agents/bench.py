@@ -712,7 +712,8 @@ def score_latency_at(
     p50 = histogram_quantile(text, name, 0.5)
     p99 = histogram_quantile(text, name, 0.99)
     stages = {}  # where the latency went: waiting for processing, and processing (per batch)
-    for stage, metric in (("kafka_to_batch", "dealpulse_kafka_to_batch_seconds"),
+    for stage, metric in (("kafka_to_fetched", "dealpulse_kafka_to_fetched_seconds"),
+                          ("kafka_to_batch", "dealpulse_kafka_to_batch_seconds"),
                           ("batch_process", "dealpulse_batch_process_seconds")):  # fmt: skip
         stage_text = _histogram_delta(before[0], after, metric)
         for q in (0.5, 0.99):

@@ -143,6 +143,13 @@ class IngestMetrics:
             buckets=SCORE_BUCKETS,
             registry=r,
         )
+        self.kafka_to_fetched = Histogram(
+            "dealpulse_kafka_to_fetched_seconds",
+            "Kafka message timestamp to the consumer thread handing its fetch over (the newest record of each "
+            "partition in each fetch); kafka_to_batch adds the hand-off to the event loop and queueing",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
         self.batch_process = Histogram(
             "dealpulse_batch_process_seconds",
             "validating, deduplicating, scoring and publishing one batch (the event loop is busy meanwhile)",

@@ -105,7 +105,7 @@ def test_bench_score_reports_every_figure_it_documents_and_warns_when_too_short(
     assert abs(worker_us - report["cpu_cores"]["worker"] / report["events_per_s"] * 1e6) <= 0.1
     assert abs(report["framework_free_to_worker_cpu"] - report["framework_free_us_per_event"] / worker_us) < 0.005
     assert report["latency_samples"] > 0 and report["latency_behind_s"] >= 0
-    for stage in ("kafka_to_score", "kafka_to_batch", "batch_process"):
+    for stage in ("kafka_to_score", "kafka_to_fetched", "kafka_to_batch", "batch_process"):
         assert 0 < report[f"p50_{stage}_ms"] <= report[f"p99_{stage}_ms"]
     # 100k events are too few for a steady state: the bench says so, and how many events to use instead
     assert report["steady_state"] is False
