@@ -712,7 +712,7 @@ def bench_dedup_cmd(n_events: int, seed: int, batch_size: int, cap: int, as_json
 
     A worker evicts the oldest id for every new one once a partition's window is full, after millions of events
     on that partition: no end-to-end bench gets there. An eviction that is not O(1) shows here as an
-    ``at_cap_ratio`` or ``at_cap_growth`` (last fifth over first) well above 1; ``within_bounds`` checks both.
+    `at_cap_ratio` or `at_cap_growth` (last fifth over first) well above 1; `within_bounds` checks both.
     Runs of a few thousand events are too short to judge by: their fifths take milliseconds.
     """
     from dealpulse.agents.bench_dedup import bench_dedup
