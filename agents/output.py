@@ -113,12 +113,8 @@ class OutputProducer:
             extra["partition"] = partition
         if headers:
             extra["headers"] = headers
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=delivered, **extra)
-                return future
-            except BufferError:  # the local queue is full: let deliveries drain (rare; bounded by back-pressure)
-                self._poll_once(0.01)
+        self._produce(topic, value, key, delivered, extra)
+        return future
 
     def send_counted(self, topic: str, value: bytes, tally: DeliveryTally, *, key: bytes, partition: int) -> None:
         """Queue one record whose delivery only ``tally`` counts (no future of its own)."""
@@ -128,11 +124,14 @@ class OutputProducer:
             delivered_now.append((tally, error, (topic, partition, -1 if error else message.offset())))
 
         tally.sent += 1
+        self._produce(topic, value, key, delivered, {"partition": partition})
+
+    def _produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any, extra: dict[str, Any]) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, partition=partition, on_delivery=delivered)
+                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **extra)
                 return
-            except BufferError:  # the local queue is full: let deliveries drain
+            except BufferError:  # the local queue is full: let deliveries drain (rare; bounded by back-pressure)
                 self._poll_once(0.01)
 
     def flush(self, timeout: float = 30.0) -> int:
