@@ -272,7 +272,8 @@ def _longest_stall(samples: list[tuple[float, int, int]], start: float, end: flo
     return longest
 
 
-def _paced(messages: list[tuple[str, bytes, int]], events_per_s: float) -> Iterator[tuple[str, bytes, int]]:
+def paced(messages: list[tuple[str, bytes, int]], events_per_s: float) -> Iterator[tuple[str, bytes, int]]:
+    """``messages`` at ``events_per_s`` (counting each message's items), from now on."""
     started = time.monotonic()
     sent = 0
     for message in messages:
@@ -303,7 +304,7 @@ def rebalance_scenario(
 
     def producing() -> None:
         try:
-            produce(settings, _paced(messages, events_per_s), on_progress=lambda n: sent_so_far.__setitem__(0, n))
+            produce(settings, paced(messages, events_per_s), on_progress=lambda n: sent_so_far.__setitem__(0, n))
             sent_so_far[0] = total
         except BaseException as error:  # surfaced in the main thread
             failures.append(error)
@@ -702,7 +703,7 @@ def score_latency_at(
 
         watcher = threading.Thread(target=scrape_after_warmup, name="warm-up-watcher", daemon=True)
         watcher.start()
-        _, total = produce(stack.settings, _paced(messages, events_per_s), linger_ms=0)
+        _, total = produce(stack.settings, paced(messages, events_per_s), linger_ms=0)
         watcher.join(600)
         if not before:
             raise TimeoutError(f"the warm-up ({warmed} items) was not accounted for in 600 s")
@@ -976,9 +977,9 @@ def _alerting_run(workdir: Path, messages: list[tuple[str, bytes, int]], events_
             started = time.perf_counter()
             sent_messages = sent = 0
             if head:
-                sent_messages, sent = produce(stack.settings, _paced(head, events_per_s or 1))
+                sent_messages, sent = produce(stack.settings, paced(head, events_per_s or 1))
             before_a, before_n = metrics_text(alerter), metrics_text(notifier)
-            more_messages, more = produce(stack.settings, rest if events_per_s is None else _paced(rest, events_per_s))
+            more_messages, more = produce(stack.settings, rest if events_per_s is None else paced(rest, events_per_s))
             sent_messages, sent = sent_messages + more_messages, sent + more
             deadline = time.monotonic() + 900
             while _sample(metrics_text(alerter), "dealpulse_alerter_messages_total", topic=topic) < sent_messages:

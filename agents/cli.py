@@ -574,6 +574,11 @@ def _print_bench(result: dict[str, Any], as_json: bool) -> None:
         return
     width = max(map(len, result), default=0)
     for key, value in result.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            click.echo(f"{key:>{width}}")  # a table: one row per item
+            for item in value:
+                click.echo(" " * (width + 2) + "  ".join(f"{k} {v}" for k, v in item.items()))
+            continue
         click.echo(f"{key:>{width}}  {value}")
 
 
@@ -718,6 +723,30 @@ def bench_dedup_cmd(n_events: int, seed: int, batch_size: int, cap: int, as_json
     from dealpulse.agents.bench_dedup import bench_dedup
 
     result = bench_dedup(n_events, seed, batch_size, cap, on_step=_say_step)
+    _print_bench(result, as_json)
+
+
+@bench.command("broker")
+@click.option("--rate", "events_per_s", type=click.FloatRange(min=1), default=14_000, show_default=True,
+              metavar="EVENTS_PER_S", help="events offered per second (`bench score --latency-at` takes the same)")  # fmt: skip
+@click.option("--seconds", type=click.FloatRange(min=1), default=60, show_default=True, help="of traffic")
+@click.option("--seed", type=int, default=11, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True, help="events per message")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_broker_cmd(events_per_s: float, seconds: float, seed: int, batch_size: int, as_json: bool) -> None:
+    """The embedded broker alone: Kafka append -> a plain consumer has the record, with no worker, and the
+    broker's CPU, per 10 s window.
+
+    The same message mix and pacing as `bench score --latency-at`, and a consumer that fetches as a worker does
+    (`DEALPULSE_KAFKA_FETCH_WAIT_MS`): the floor under the worker's `p99_kafka_to_score_ms`. The windows show
+    how the embedded broker slows down as records accumulate (it lists a partition's stored batches at every
+    fetch); a real Kafka broker does not.
+    """
+    from dealpulse.agents.bench_broker import bench_broker
+    from dealpulse.agents.embedded import temporary_workdir
+
+    with temporary_workdir() as wd:
+        result = bench_broker(wd, events_per_s, seconds, seed, batch_size, on_step=_say_step)
     _print_bench(result, as_json)
 
 

@@ -129,6 +129,20 @@ def test_bench_score_latency_only_at_a_given_rate() -> None:
     assert "events_per_s" not in report  # no throughput run
 
 
+def test_bench_broker_receives_every_message_and_reports_each_window() -> None:
+    # figures are not asserted; that every message sent came back, and the windows a user reads, are
+    result = dealpulse("bench", "broker", "--rate", "2000", "--seconds", "5", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert report["bench"] == "broker" and report["events_per_s_offered"] == 2000
+    assert report["messages_received"] == report["messages_sent"] > 0
+    assert 0 < report["messages_counted"] < report["messages_sent"]  # the warm-up is not counted
+    assert 0 < report["p50_append_to_consumer_ms"] <= report["p99_append_to_consumer_ms"]
+    assert [window["from_s"] for window in report["windows"]] == [2]  # 2-5 s: one window after the warm-up
+    assert report["windows"][0]["records"] == report["messages_counted"]
+    assert report["broker_cores_first_window"] is not None and report["broker_cores_first_window"] >= 0
+
+
 def test_a_command_that_cannot_reach_the_store_says_where_and_what_to_do() -> None:
     port = free_port()  # nothing listens there
     result = dealpulse("migrate", env={"DEALPULSE_CLICKHOUSE_PORT": str(port)}, timeout=60)
