@@ -372,6 +372,8 @@ The pipeline keeps running. Connect with:
                    --data-binary 'SELECT type, count() FROM events GROUP BY type'
               DEALPULSE_KAFKA_BOOTSTRAP={s.kafka_bootstrap} dealpulse replay my-events.jsonl
   Metrics     {metrics}
+The embedded broker keeps every record in memory, and each fetch gets slower as they accumulate (at 300
+messages/s a consumer's p99 rose from 8 to 105 ms within a minute): restart the demo now and then, or use Kafka.
 Press Ctrl-C to stop everything.""")
 
 
