@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
@@ -26,6 +26,7 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT
 from mode import CrashingSupervisor
+from mode.utils.futures import maybe_async
 
 from dealpulse.agents.gc_tuning import collections_deferred
 from dealpulse.agents.lockstep import LockedSteps
@@ -426,8 +427,33 @@ def next_offset_expected(read_offset: int | None, just_sought: bool) -> int | No
     return read_offset if just_sought else read_offset + 1
 
 
-def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka.Transport]:
-    """Faust's aiokafka transport with two changes.
+class OnParentLoop:
+    """Runs a mode ``ServiceThread`` (Faust's consumer "thread") as a task on its parent's event loop instead of
+    in a thread of its own: it stands in for mode's ``WorkerThread``.
+
+    Faust runs aiokafka in a thread with its own loop. Every fetch then crosses threads twice (the request to that
+    loop, the records back), and that thread takes the GIL from the event loop at every switch interval while the
+    worker scores. On one loop, a record reaches its batch without waiting for another thread's turn.
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.serving: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.serving = self.service.parent_loop.create_task(self.service._serve())
+
+    def stop(self) -> None:
+        """Nothing to join: ``_serve`` ends when the service stops (mode's ``stop`` waits for its shutdown)."""
+
+    def is_alive(self) -> bool:
+        return self.serving is not None and not self.serving.done()
+
+
+def _consumer_transport(wait_ms: int, gapless_topic: str, own_thread: bool) -> type[faust_aiokafka.Transport]:
+    """Faust's aiokafka transport with these changes.
+
+    - The consumer runs on the worker's event loop (:class:`OnParentLoop`), unless ``own_thread``.
 
     - Our fetch wait: Faust hard-codes 1500 ms, and a broker that always waits the full fetch wait when a partition
       has nothing new (Tansu, measured) adds that to every message's latency.
@@ -448,7 +474,8 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
       records were held back while the seek was under way is sought once more right after it.
     - Right after a seek to X the next record must be X itself (Faust's gap check lets X+1 pass as if X had been
       read), see :func:`next_offset_expected`.
-    - Seeks never land inside a step of aiokafka's fetch on the consumer thread (see ``ConsumerThread.seek``).
+    - Seeks never land inside a step of aiokafka's fetch on the consumer thread (see ``ConsumerThread.seek``);
+      on the event loop they cannot.
     """
 
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -460,14 +487,29 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             super().__init__(*args, **kwargs)
             self._fetch_steps = threading.Lock()  # held by this thread during each step of a fetch (see seek)
 
+        @property
+        def on_parent_loop(self) -> bool:
+            return self.thread_loop is self.parent_loop
+
+        async def call_thread(self, fun: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+            if self.on_parent_loop:  # no thread to hand the call to (mode's queue would cost two loop wake-ups)
+                return await maybe_async(fun(*args, **kwargs))  # some of Faust's calls are plain functions
+            return await super().call_thread(fun, *args, **kwargs)
+
+        async def _gather_remaining_tasks(self) -> None:
+            # mode cancels every task left on the thread's loop when it stops: on the parent loop those are the app's
+            if not self.on_parent_loop:
+                await super()._gather_remaining_tasks()
+
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
             consumer._fetch_max_wait_ms = wait_ms  # read when the consumer starts, right after this
             return consumer
 
         async def _fetch_records(self, *args: Any, **kwargs: Any) -> Any:
-            fetched: dict[Any, list[Any]] = await LockedSteps(
-                super()._fetch_records(*args, **kwargs), self._fetch_steps
+            fetching = super()._fetch_records(*args, **kwargs)
+            fetched: Mapping[Any, list[Any]] = await (
+                fetching if self.on_parent_loop else LockedSteps(fetching, self._fetch_steps)
             )
             if fetched:
                 now = time.time()
@@ -496,7 +538,9 @@ def _consumer_transport(wait_ms: int, gapless_topic: str) -> type[faust_aiokafka
             self._just_sought: set[TP] = set()  # sought, and nothing handed on since: the read offset is next
 
         def _new_consumer_thread(self) -> ConsumerThread:
-            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+            if own_thread:
+                return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+            return ConsumerThread(self, loop=self.loop, beacon=self.beacon, thread_loop=self.loop, Worker=OnParentLoop)
 
         async def on_partitions_revoked(self, revoked: set[TP]) -> None:
             self._seek_done.clear()  # eager rebalancing: every partition is revoked, then assigned afresh
@@ -578,9 +622,16 @@ class DealpulseApp(faust.App):
     """A Faust app with our consumer transport (see :func:`_consumer_transport`) and a bounded wait at shutdown."""
 
     def __init__(
-        self, *args: Any, fetch_wait_ms: int, gapless_topic: str, shutdown_grace_s: float, **kwargs: Any
+        self,
+        *args: Any,
+        fetch_wait_ms: int,
+        gapless_topic: str,
+        shutdown_grace_s: float,
+        consumer_thread: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.fetch_wait_ms = fetch_wait_ms
+        self.consumer_thread = consumer_thread
         self.gapless_topic = gapless_topic
         self.shutdown_grace_s = shutdown_grace_s
         self.ingest_service: IngestService | None = None  # set by create_app
@@ -600,7 +651,8 @@ class DealpulseApp(faust.App):
             self.ingest_service.dedup.holds_no_record(tp.topic, tp.partition, offset)
 
     def _new_transport(self) -> Any:
-        return _consumer_transport(self.fetch_wait_ms, self.gapless_topic)(self.conf.broker_consumer, self)
+        transport = _consumer_transport(self.fetch_wait_ms, self.gapless_topic, own_thread=self.consumer_thread)
+        return transport(self.conf.broker_consumer, self)
 
     async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
         """Faust waits here, once the flow has stopped, until every message taken is acked: at a rebalance and when
@@ -655,6 +707,7 @@ def create_app(settings: Settings, metrics: IngestMetrics | None = None) -> faus
         producer_max_request_size=2 * 1024 * 1024,
         consumer_max_fetch_size=4 * 1024 * 1024,
         fetch_wait_ms=settings.kafka_fetch_wait_ms,
+        consumer_thread=settings.kafka_consumer_thread,
         gapless_topic=settings.events_topic,
         shutdown_grace_s=settings.shutdown_grace_s,
         # a crashed agent stops the worker (exit code 1): Faust's default restarts the agent, but the messages the

@@ -5,9 +5,10 @@ between those steps; code on another thread can run at any point. :class:`Locked
 step, so another thread that takes the same lock acts only between steps, exactly where code on the coroutine's own
 loop could have.
 
-Used for aiokafka's ``Fetcher.fetched_records`` (on Faust's consumer thread) against Faust's seek (on the event
-loop's thread): a seek that landed inside a step deleted the records being drained (``KeyError``, the worker exits)
-or was overwritten by the position of records fetched before it.
+Used for aiokafka's ``Fetcher.fetched_records`` on Faust's consumer thread (with ``kafka_consumer_thread``; by
+default the consumer runs on the event loop and needs no lock) against Faust's seek on the event loop's thread: a
+seek that landed inside a step deleted the records being drained (``KeyError``, the worker exits) or was
+overwritten by the position of records fetched before it.
 """
 
 from __future__ import annotations

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "at this pace: ~12 % of a core at 5 ms, ~6 % at 20 ms, measured)",
     )
 
+    kafka_consumer_thread: bool = Field(
+        False,
+        description="run the worker's Kafka consumer (aiokafka) in a thread of its own, as Faust does by default, "
+        "instead of on the worker's event loop (fewer GIL hand-offs on every record's way: see README, Performance)",
+    )
+
     # ClickHouse (a server, or the embedded chDB store behind the same HTTP interface)
     clickhouse_host: str = "127.0.0.1"
     clickhouse_port: int = 8123
