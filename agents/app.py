@@ -638,7 +638,7 @@ class DealpulseApp(faust.App):
         super().__init__(*args, **kwargs)
 
     def records_fetched(self, ages_s: Sequence[float]) -> None:
-        """On the consumer thread: the newest record of each partition in a fetch it hands over, and how long ago
+        """On the consumer's loop: the newest record of each partition in a fetch it hands over, and how long ago
         Kafka appended it (the first stage of ``kafka_to_batch``)."""
         service = self.ingest_service
         if service is not None and service.settings.metrics_enabled:

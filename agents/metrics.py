@@ -145,8 +145,8 @@ class IngestMetrics:
         )
         self.kafka_to_fetched = Histogram(
             "dealpulse_kafka_to_fetched_seconds",
-            "Kafka message timestamp to the consumer thread handing its fetch over (the newest record of each "
-            "partition in each fetch); kafka_to_batch adds the hand-off to the event loop and queueing",
+            "Kafka message timestamp to aiokafka's consumer handing its fetch over to Faust (the newest record of "
+            "each partition in each fetch); kafka_to_batch adds Faust's buffering and queueing",
             buckets=SCORE_BUCKETS,
             registry=r,
         )

@@ -101,7 +101,7 @@ def test_prometheus_scrapes_a_worker(
         assert value(port, "sum(dealpulse_source_offsets_skipped_total)") == 0  # every message reached the worker
         mean = "sum(dealpulse_{0}_seconds_sum) / sum(dealpulse_{0}_seconds_count)"
         assert 0 < value(port, mean.format("kafka_to_batch")) < value(port, mean.format("kafka_to_score"))
-        assert value(port, mean.format("kafka_to_fetched")) > 0  # the consumer thread's stage, fetches sampled
+        assert value(port, mean.format("kafka_to_fetched")) > 0  # the consumer's fetch stage, fetches sampled
         assert value(port, "sum(dealpulse_consumer_lag_messages)") >= 0
         lag_topics = {r["metric"]["topic"] for r in query(port, "dealpulse_consumer_lag_messages")}  # type: ignore[index]
         assert lag_topics <= {settings.events_topic}  # not the changelogs, which this worker writes, never reads
