@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
+from dealpulse.agents.bench_fs import workdir_report
 from dealpulse.agents.gc_tuning import collections_deferred, worker_gc
 from dealpulse.agents.stack import EmbeddedStack, WorkerProcess, produce, wait_worker_ready, worker_metric
 from dealpulse.pipelines.generator import generate_world, pack_messages
@@ -86,12 +87,15 @@ def bench_ingest(
             name: WindowProbe(partial(process_cpu_seconds, pid))
             for name, pid in [("worker", worker.pid), *((p.name, p.pid) for p in stack.processes)]
         }
+        # the store's CPU in the kernel: mostly creating its parts' files, which costs 100x more on some filesystems
+        store_pid = next(p.pid for p in stack.processes if p.name == "store")
+        store_system = WindowProbe(partial(process_cpu_seconds, store_pid, system_only=True))
         # rows per `events` insert in the window: a group grows while the writer is busy, up to its item cap
         stored_rows, inserts = (
             WindowProbe(partial(worker_metric, worker, f'dealpulse_store_insert_{name}{{table="events"}}'))
             for name in ("rows_total", "seconds_count")
         )
-        probes = [*cpu.values(), *([store_wait, stored_rows, inserts] if metrics else []), *free]
+        probes = [*cpu.values(), store_system, *([store_wait, stored_rows, inserts] if metrics else []), *free]
         samples = accounting_samples(stack, sent, timeout, probes)
         rate, elapsed = steady_rate(samples, sent)
         counts = stack.accounting()
@@ -117,6 +121,8 @@ def bench_ingest(
         "store_wait_share": store_wait.share() if metrics else None,
         "store_group_events": round(group) if group is not None else None,
         "cpu_cores": {name: probe.share() for name, probe in cpu.items()},
+        "store_system_cores": store_system.share(),
+        **workdir_report(workdir),
         # a run too short for a burst in its window (not a steady state anyway) falls back to its whole span
         **({"framework_free_events_per_s_during": rate_from(*free[:2]) or rate_from(*free[2:])} if free else {}),
     }
@@ -196,9 +202,9 @@ class WindowProbe:
         return round((last - first) / (end - start), 3)
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds (user + system) a process has used so far; None where ``/proc`` does not tell (not Linux, or
-    the process is gone).
+def process_cpu_seconds(pid: int, system_only: bool = False) -> float | None:
+    """CPU seconds (user + system, or only system with ``system_only``) a process has used so far; None where
+    ``/proc`` does not tell (not Linux, or the process is gone).
 
     >>> import os
     >>> (process_cpu_seconds(os.getpid()) or 0.0) > 0, process_cpu_seconds(-1)
@@ -209,7 +215,8 @@ def process_cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+    ticks = int(fields[12]) if system_only else int(fields[11]) + int(fields[12])  # utime, stime: fields 14, 15
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def accounting_samples(
@@ -697,9 +704,13 @@ def score_latency_at(
         wait_worker_ready(worker)
         before: list[str] = []
 
+        pids = {"worker": worker.pid, **{p.name: p.pid for p in stack.processes}}
+        cpu_before: list[tuple[float, dict[str, float | None]]] = []
+
         def scrape_after_warmup() -> None:  # the only user of the store client until it is done
             stack.wait_accounted(warmed, 600)
             before.append(metrics_text(worker))
+            cpu_before.append(cpu_reading(pids))
 
         watcher = threading.Thread(target=scrape_after_warmup, name="warm-up-watcher", daemon=True)
         watcher.start()
@@ -709,9 +720,11 @@ def score_latency_at(
             raise TimeoutError(f"the warm-up ({warmed} items) was not accounted for in 600 s")
         stack.wait_accounted(total, 600)
         after = metrics_text(worker)
+        cores = cores_between(cpu_before[0], cpu_reading(pids))
         text = _histogram_delta(before[0], after, name)
     p50 = histogram_quantile(text, name, 0.5)
     p99 = histogram_quantile(text, name, 0.99)
+    fs = workdir_report(workdir)  # after the run: the probe's own files stay out of its way
     stages = {}  # where the latency went: waiting for processing, and processing (per batch)
     for stage, metric in (("kafka_to_fetched", "dealpulse_kafka_to_fetched_seconds"),
                           ("kafka_to_batch", "dealpulse_kafka_to_batch_seconds"),
@@ -730,7 +743,34 @@ def score_latency_at(
         "p50_kafka_to_score_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_kafka_to_score_ms": round(p99 * 1000, 1) if p99 is not None else None,
         **stages,
+        "latency_cpu_cores": cores,  # after the warm-up: on two cores, what the worker had to share
+        "workdir_fs": fs["workdir_fs"],
+        "latency_workdir_file_create_us": fs["workdir_file_create_us"],
     }
+
+
+def cpu_reading(pids: dict[str, int]) -> tuple[float, dict[str, float | None]]:
+    """(now, CPU seconds of each named process, and of the store in the kernel as ``store_system``)."""
+    seconds = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+    if "store" in pids:
+        seconds["store_system"] = process_cpu_seconds(pids["store"], system_only=True)
+    return time.monotonic(), seconds
+
+
+def cores_between(
+    start: tuple[float, dict[str, float | None]], end: tuple[float, dict[str, float | None]]
+) -> dict[str, float | None]:
+    """Cores each process used between two :func:`cpu_reading` s (None where a reading is missing).
+
+    >>> cores_between((0.0, {"worker": 1.0, "store": None}), (2.0, {"worker": 2.5, "store": 3.0}))
+    {'worker': 0.75, 'store': None}
+    """
+    elapsed = end[0] - start[0]
+    cores: dict[str, float | None] = {}
+    for name, first in start[1].items():
+        last = end[1].get(name)
+        cores[name] = round((last - first) / elapsed, 3) if first is not None and last is not None and elapsed else None
+    return cores
 
 
 def _histogram_count(text: str, name: str) -> float:
@@ -857,6 +897,9 @@ def bench_score(workdir: Path, n_events: int, seed: int, batch_size: int) -> dic
         "store_wait_share": full["store_wait_share"],
         "store_group_events": full["store_group_events"],
         "cpu_cores": full["cpu_cores"],
+        "store_system_cores": full["store_system_cores"],
+        "workdir_fs": full["workdir_fs"],
+        "workdir_file_create_us": full["workdir_file_create_us"],
         **cpu_per_event(full["cpu_cores"], rate, free_rate),
         **latency,
     }

@@ -11,8 +11,10 @@ import jsonschema
 import orjson
 import pytest
 
+from dealpulse.agents.bench import LATENCY_SECONDS, spread_sample
 from dealpulse.agents.embedded import free_port
 from dealpulse.agents.stack import settings_env
+from dealpulse.pipelines.generator import generate_world, pack_messages
 from dealpulse.pipelines.settings import Settings
 from dealpulse.pipelines.store.client import Store
 from tests.conftest import wait_accounted
@@ -104,6 +106,11 @@ def test_bench_score_reports_every_figure_it_documents_and_warns_when_too_short(
     worker_us = report["cpu_us_per_event"]["worker"]
     assert abs(worker_us - report["cpu_cores"]["worker"] / report["events_per_s"] * 1e6) <= 0.1
     assert abs(report["framework_free_to_worker_cpu"] - report["framework_free_us_per_event"] / worker_us) < 0.005
+    # the store's kernel time is part of its CPU; the workdir's filesystem and its cost per file are named
+    assert 0 <= report["store_system_cores"] <= report["cpu_cores"]["store"] + 0.01
+    assert report["workdir_fs"] and report["workdir_file_create_us"] > 0
+    assert report["latency_workdir_file_create_us"] > 0
+    assert set(report["latency_cpu_cores"]) == {"worker", "store", "broker", "store_system"}
     assert report["latency_samples"] > 0 and report["latency_behind_s"] >= 0
     for stage in ("kafka_to_score", "kafka_to_fetched", "kafka_to_batch", "batch_process"):
         assert 0 < report[f"p50_{stage}_ms"] <= report[f"p99_{stage}_ms"]
@@ -127,6 +134,18 @@ def test_bench_score_latency_only_at_a_given_rate() -> None:
     assert report["latency_events"] > 0 and report["latency_samples"] > 0
     assert 0 < report["p50_kafka_to_score_ms"] <= report["p99_kafka_to_score_ms"]
     assert "events_per_s" not in report  # no throughput run
+    assert all(cores is not None and cores >= 0 for cores in report["latency_cpu_cores"].values())
+
+
+def test_bench_score_latency_only_samples_the_world_of_the_events_given() -> None:
+    result = dealpulse("bench", "score", "--latency-at", "1000", "--events", "100000", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert report["latency_samples"] > 0
+    # the 20 s sent are picked across the 100k-event world's messages, as the full bench picks them
+    world = list(pack_messages(generate_world(11, 100_000).records(), 100))
+    picked = spread_sample(world, int(1000 * LATENCY_SECONDS))
+    assert report["latency_events_per_message_mean"] == round(sum(m[2] for m in picked) / len(picked), 1)
 
 
 def test_bench_broker_receives_every_message_and_reports_each_window() -> None:
