@@ -3,8 +3,8 @@
 The store (ClickHouse) writes every insert as a new part: a directory of ~13 files per table and month touched,
 ~15 parts per store group in ``bench score``. Creating a file is normally a few µs, but on some machines it is
 not: on the development VM (ext4 without a journal, after many files were created and deleted) one empty file
-took ~600 µs of kernel time against ~7 µs on tmpfs, and the store then spent 3-6x more system CPU for the same
-inserts (measured, README "Performance"). On two shared cores that CPU is taken from the worker, so the bench
+took ~600 µs of kernel time against ~7 µs on tmpfs, and the store then spent more system CPU for the same
+inserts (3-7x, measured, README "Performance"). On two shared cores that CPU is taken from the worker, so the bench
 reports what creating a file costs where it runs, and ``TMPDIR`` moves its throwaway data elsewhere.
 """
 
