@@ -23,9 +23,10 @@ from typing import Any
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dealpulse.agents.app import contract_rules
+from dealpulse.agents.metrics import serve_until_signalled
 from dealpulse.pipelines.config_errors import ConfigError
 from dealpulse.pipelines.contract import Event, validate_event
 from dealpulse.pipelines.delivery import Matcher, Silence, silenced_by
@@ -467,12 +468,6 @@ def _alert_row(alert: dict[str, Any], raised: Any) -> tuple[Any, ...]:
 
 def serve_alerter(settings: Settings) -> None:
     """`dealpulse alerter`: metrics on their port, evaluate rules until SIGTERM/SIGINT."""
-    import signal
-
     metrics = AlerterMetrics()
-    server, _ = start_http_server(settings.alerter_metrics_port, addr="0.0.0.0", registry=metrics.registry)
-    log.warning("alerter metrics on http://127.0.0.1:%d/metrics", server.server_address[1])
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = serve_until_signalled("alerter", settings.alerter_metrics_port, metrics.registry)
     Alerter(settings, metrics).run(stop)

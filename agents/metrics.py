@@ -6,6 +6,10 @@ DLQ reason, table, topic and partition; never an account, lead or event id.
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.process_collector import ProcessCollector
 
@@ -178,3 +182,15 @@ class IngestMetrics:
         """Expose /metrics on all interfaces; returns the bound port (``port=0`` picks a free one)."""
         server, _thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
         return int(server.server_address[1])
+
+
+def serve_until_signalled(name: str, port: int, registry: CollectorRegistry) -> threading.Event:
+    """Expose ``registry`` on ``port`` (all interfaces) and return an event that SIGTERM or SIGINT sets: the start
+    of every long-running dealpulse process that is not a Faust worker (``dealpulse alerter``, ``trainer``).
+    Call it from the main thread, where Python delivers signals."""
+    server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
+    logging.getLogger(__name__).warning("%s metrics on http://127.0.0.1:%d/metrics", name, server.server_address[1])
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

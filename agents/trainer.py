@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from dealpulse.agents.metrics import serve_until_signalled
 from dealpulse.models.online import ModelSnapshot, OnlineModel, dump_snapshot, load_snapshot
 from dealpulse.pipelines.features import FeatureSpec, load_features
 from dealpulse.pipelines.settings import Settings
@@ -221,12 +222,6 @@ def run_trainer(settings: Settings, stop: threading.Event, metrics: TrainerMetri
 
 def serve_trainer(settings: Settings) -> None:
     """`dealpulse trainer`: metrics on their port, train until SIGTERM/SIGINT."""
-    import signal
-
     metrics = TrainerMetrics()
-    server, _ = start_http_server(settings.trainer_metrics_port, addr="0.0.0.0", registry=metrics.registry)
-    log.warning("trainer metrics on http://127.0.0.1:%d/metrics", server.server_address[1])
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = serve_until_signalled("trainer", settings.trainer_metrics_port, metrics.registry)
     run_trainer(settings, stop, metrics)

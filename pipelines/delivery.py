@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dealpulse.pipelines.calendar import Duration
-from dealpulse.pipelines.config_errors import ConfigError, load_yaml
+from dealpulse.pipelines.config_errors import error_at, load_yaml
 
 SIGNATURE_TOLERANCE_S = 300
 MATCH_LABELS = ("rule", "severity", "entity", "entity_id", "account_id", "team", "region", "recipient", "status")
@@ -223,11 +223,7 @@ _TIMING = ("group_wait", "group_interval", "repeat_interval", "timeout", "retry_
 def _parse_subscribers(text: str, filename: str, environ: Any) -> SubscriberConfig:
     data, marks = load_yaml(text, filename)
 
-    def fail(path: tuple[Any, ...], message: str) -> ConfigError:
-        while path and path not in marks:
-            path = path[:-1]
-        line, column = marks.get(path, (1, 1))
-        return ConfigError(filename, line, column, message)
+    fail = error_at(filename, marks)
 
     if not isinstance(data, dict) or not isinstance(data.get("subscribers"), list):
         raise fail((), "a subscribers file is a mapping with 'subscribers' (a list) and optional 'defaults'")

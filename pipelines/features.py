@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dealpulse.pipelines.config_errors import ConfigError, load_yaml
+from dealpulse.pipelines.config_errors import error_at, load_yaml
 
 ENTITIES = ("lead", "account")
 KINDS = ("count", "sum", "max", "days_since", "days_until", "wow_change", "open_items")
@@ -404,11 +404,7 @@ def parse_duration_ms(text: Any) -> int | None:
 def _parse(text: str, filename: str) -> FeatureSpec:
     data, marks = load_yaml(text, filename)
 
-    def fail(path: tuple[Any, ...], message: str) -> ConfigError:
-        while path and path not in marks:
-            path = path[:-1]
-        line, column = marks.get(path, (1, 1))
-        return ConfigError(filename, line, column, message)
+    fail = error_at(filename, marks)
 
     if not isinstance(data, dict):
         raise fail((), "a features file is a mapping with 'models' and 'features'")

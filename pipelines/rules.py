@@ -52,7 +52,7 @@ from typing import Any
 import orjson
 
 from dealpulse.pipelines.calendar import DAY_MS, BusinessCalendar, Duration, ms_iso
-from dealpulse.pipelines.config_errors import ConfigError, load_yaml
+from dealpulse.pipelines.config_errors import ConfigError, error_at, load_yaml
 from dealpulse.pipelines.contract import Event
 
 ENTITY_KINDS = ("lead", "account", "opportunity", "model")
@@ -561,11 +561,7 @@ _ROLE_HINT = "owner, manager, team, a role such as legal / customer_success / op
 def _parse(text: str, filename: str, partial: bool = False) -> RuleSet:
     data, marks = load_yaml(text, filename)
 
-    def fail(path: tuple[Any, ...], message: str) -> ConfigError:
-        while path and path not in marks:
-            path = path[:-1]
-        line, column = marks.get(path, (1, 1))
-        return ConfigError(filename, line, column, message)
+    fail = error_at(filename, marks)
 
     if data is None and partial:
         data = {}
