@@ -60,7 +60,7 @@ def make_settings(services: dict[str, object], workdir: Path) -> Settings:
         clickhouse_database=f"test_{suffix}",
         data_dir=workdir / "worker",
         # the embedded default: Tansu reports a high watermark one short after multi-record batches, which
-        # Faust's RocksDB recovery takes for lost data (ConsistencyError); see README "Known limits"
+        # Faust's RocksDB recovery takes for lost data (ConsistencyError); see README, Models
         state_store="memory://",
         changelog_end_markers=True,
         topic_partitions=2,
